@@ -1,0 +1,203 @@
+"""params.yaml -> typed, validated dataclasses.
+
+Every stage reads its section through :func:`load_params`; an unknown key, a missing
+required key or a value of the wrong type is a :class:`ConfigError` that names the
+dotted key (``llm.max_retries``) and the file, before any work starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A params file that cannot be used: names the file and the dotted key."""
+
+
+# --------------------------------------------------------------------------- sections
+
+
+@dataclass(frozen=True)
+class SplitParams:
+    """Patient-grouped train/val/test split: fractions must sum to 1."""
+
+    train: float = 0.8
+    val: float = 0.1
+    test: float = 0.1
+    seed: int = 0
+    # Use a split the source ships (MIMIC's official split, the phantom's own) when it has one.
+    use_source_split: bool = True
+
+    def __post_init__(self) -> None:
+        fracs = (self.train, self.val, self.test)
+        if any(f < 0 for f in fracs) or abs(sum(fracs) - 1.0) > 1e-6:
+            raise ConfigError(
+                f"data.split: train/val/test fractions must be >= 0 and sum to 1, got {fracs}"
+            )
+
+
+@dataclass(frozen=True)
+class ManifestParams:
+    """Column names of a user's CSV/Parquet manifest (``data.source: manifest``)."""
+
+    path: Optional[str] = None  # relative to data.root
+    image_col: str = "path"
+    report_col: str = "report"
+    patient_col: Optional[str] = None
+    study_col: Optional[str] = None
+    view_col: Optional[str] = None
+    split_col: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class DataParams:
+    source: Literal["phantom", "manifest", "mimic-cxr", "openi", "chexpert", "nih14"] = "phantom"
+    root: str = "data/raw/phantom"
+    split: SplitParams = field(default_factory=SplitParams)
+    manifest: ManifestParams = field(default_factory=ManifestParams)
+
+
+@dataclass(frozen=True)
+class PhantomParams:
+    """Size and randomness of the synthetic chest X-ray benchmark."""
+
+    n_patients: int = 1500
+    max_studies_per_patient: int = 3
+    image_size: int = 256
+    seed: int = 0
+    # Fraction of studies with no abnormal finding (real CXR datasets: ~30-40 %).
+    normal_fraction: float = 0.3
+    workers: int = 2
+
+    def __post_init__(self) -> None:
+        if self.n_patients < 1:
+            raise ConfigError("phantom.n_patients must be >= 1")
+        if self.image_size < 64:
+            raise ConfigError("phantom.image_size must be >= 64 pixels")
+        if not 0.0 <= self.normal_fraction <= 1.0:
+            raise ConfigError("phantom.normal_fraction must be in [0, 1]")
+
+
+@dataclass(frozen=True)
+class PixelsParams:
+    """Decode/window/resize every image once into a memory-mappable uint8 store."""
+
+    image_size: int = 224
+    on_error: Literal["fail", "skip"] = "fail"
+    workers: int = 2
+
+    def __post_init__(self) -> None:
+        if self.image_size < 8:
+            raise ConfigError("pixels.image_size must be >= 8")
+
+
+@dataclass(frozen=True)
+class Params:
+    data: DataParams = field(default_factory=DataParams)
+    phantom: PhantomParams = field(default_factory=PhantomParams)
+    pixels: PixelsParams = field(default_factory=PixelsParams)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Read and validate a params file; raise :class:`ConfigError` naming the bad key."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"{path}: params file not found (run from the project root)")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    try:
+        return parse(Params, raw)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+
+
+def parse(cls: type, raw: Any, prefix: str = "") -> Any:
+    """Build dataclass ``cls`` from a mapping, checking keys and types recursively."""
+    where = prefix or "<top level>"
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {type(raw).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        key = f"{prefix}.{unknown[0]}" if prefix else unknown[0]
+        raise ConfigError(
+            f"unknown key '{key}' (allowed under {where}: {', '.join(sorted(fields))})"
+        )
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for name, value in raw.items():
+        key = f"{prefix}.{name}" if prefix else name
+        values[name] = _coerce(hints[name], value, key)
+    try:
+        return cls(**values)
+    except ConfigError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def _coerce(tp: Any, value: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        errors = []
+        for arg in inner:
+            try:
+                return _coerce(arg, value, key)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0])
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed:
+            raise ConfigError(
+                f"'{key}' must be one of {', '.join(map(str, allowed))}; got {value!r}"
+            )
+        return value
+    if origin is dict:
+        _, vt = typing.get_args(tp)
+        if not isinstance(value, dict):
+            raise ConfigError(f"'{key}' must be a mapping; got {value!r}")
+        return {str(k): _coerce(vt, v, f"{key}.{k}") for k, v in value.items()}
+    if origin in (list, tuple):
+        (vt, *_) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"'{key}' must be a list; got {value!r}")
+        items = [_coerce(vt, v, f"{key}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if dataclasses.is_dataclass(tp):
+        return parse(tp, value, key)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"'{key}' must be true or false; got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"'{key}' must be an integer; got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"'{key}' must be a number; got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"'{key}' must be a string; got {value!r}")
+        return value
+    if tp is Any:
+        return value
+    raise ConfigError(f"'{key}': unsupported type {tp!r} in the params schema")

@@ -1,0 +1,1 @@
+"""Dataset importers (one module each) and the phantom benchmark."""

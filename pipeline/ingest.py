@@ -1,0 +1,14 @@
+"""DVC stage `ingest`: data.source at data.root -> data/interim/{studies,images}.parquet."""
+
+from pathlib import Path
+
+from medfilip.config import load_params
+from medfilip.data.ingest import ingest
+from medfilip.reporting import write_json
+
+if __name__ == "__main__":
+    params = load_params()
+    summary = ingest(params.data, Path("data/interim"))
+    write_json(Path("reports/ingest.json"), summary)
+    print(f"ingest: {summary['n_studies']} studies, {summary['n_images']} images, "
+          f"{summary['n_patients']} patients -> data/interim/")
