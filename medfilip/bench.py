@@ -18,7 +18,16 @@ def _pixels(args) -> dict:
     return benchmark(n_images=args.n, image_size=args.size or 224, workers=args.workers)
 
 
-BENCHMARKS: dict[str, Callable] = {"phantom": _phantom, "pixels": _pixels}
+def _extract(args) -> dict:
+    from medfilip.extract.throughput import benchmark, cached_rerun_benchmark
+
+    concurrencies = tuple(int(c) for c in args.concurrency.split(","))
+    result = benchmark(n_reports=args.n, latency_s=args.latency, concurrencies=concurrencies)
+    result["cached_at_scale"] = cached_rerun_benchmark(n_reports=args.scale)
+    return result
+
+
+BENCHMARKS: dict[str, Callable] = {"phantom": _phantom, "pixels": _pixels, "extract": _extract}
 
 
 def run(args) -> int:
@@ -33,3 +42,6 @@ def add_arguments(parser) -> None:
     parser.add_argument("--n", type=int, default=300, help="number of items to time")
     parser.add_argument("--size", type=int, default=None, help="image size in pixels")
     parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--latency", type=float, default=0.05, help="extract: stand-in latency per call (s)")
+    parser.add_argument("--concurrency", default="1,8,64", help="extract: llm.max_concurrency values")
+    parser.add_argument("--scale", type=int, default=100_000, help="extract: reports in the cached re-run")

@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import json
 import sys
+from pathlib import Path
 
 from medfilip import bench
 from medfilip.config import ConfigError, load_params
@@ -17,6 +18,48 @@ def _params(args) -> int:
     return 0
 
 
+def _audit(args) -> int:
+    from medfilip import audit
+
+    queries = audit.saved_queries(Path(args.queries))
+    if args.list or not (args.sql or args.query):
+        print("saved queries (medfilip audit --query NAME):")
+        for name, (description, _) in queries.items():
+            print(f"  {name:24s} {description}")
+        con, views = audit.connect(load_params(args.params))
+        print("views:", ", ".join(views) or "(none yet: run `dvc repro`)")
+        return 0
+    if args.query:
+        if args.query not in queries:
+            raise audit.AuditError(f"no saved query '{args.query}' in {args.queries} (try --list)")
+        sql = queries[args.query][1]
+    else:
+        sql = args.sql
+    con, _ = audit.connect(load_params(args.params))
+    columns, rows = audit.run_query(con, sql)
+    sys.stdout.write(audit.format_rows(columns, rows, args.format, None if args.limit <= 0 else args.limit))
+    return 0
+
+
+def _score(args) -> int:
+    import dataclasses
+
+    from medfilip.extract.quality import score_datasets
+    from medfilip.reporting import write_json
+
+    params = load_params(args.params)
+    overrides = {k: v for k, v in (("provider", args.provider), ("model", args.model),
+                                   ("base_url", args.base_url)) if v is not None}
+    llm = dataclasses.replace(params.llm, **overrides)
+    if not (args.openi or args.phantom):
+        raise ValueError("nothing to score: pass --openi and/or --phantom DIR")
+    results = score_datasets(llm, params.extract, args.openi, args.phantom, baseline=not args.no_baseline)
+    print(json.dumps(results, indent=2))
+    if args.out:
+        write_json(Path(args.out), results)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="medfilip", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -24,6 +67,27 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("params", help="validate params.yaml and print the typed values")
     p.add_argument("--file", default="params.yaml")
     p.set_defaults(func=_params)
+
+    a = sub.add_parser("audit", help="read-only SQL over the pipeline's Parquet files and the LLM cache")
+    a.add_argument("sql", nargs="?", help="one SELECT statement over the views (see --list)")
+    a.add_argument("--query", "-q", help="run a saved query from data/audit/NAME.sql")
+    a.add_argument("--list", action="store_true", help="list saved queries and available views")
+    a.add_argument("--format", choices=("table", "csv", "json"), default="table")
+    a.add_argument("--limit", type=int, default=50, help="rows shown as a table (0: all)")
+    a.add_argument("--params", default="params.yaml")
+    a.add_argument("--queries", default="data/audit")
+    a.set_defaults(func=_audit)
+
+    q = sub.add_parser("score", help="score an extractor against ground truth (phantom, Open-i MeSH)")
+    q.add_argument("--openi", action="store_true", help="the 3,955 Open-i reports (torchxrayvision's archive)")
+    q.add_argument("--phantom", metavar="DIR", help="a phantom dataset folder, e.g. data/raw/phantom")
+    q.add_argument("--provider", choices=("rules", "openai", "llamacpp"), help="override llm.provider")
+    q.add_argument("--model", help="override llm.model")
+    q.add_argument("--base-url", help="override llm.base_url")
+    q.add_argument("--no-baseline", action="store_true", help="skip the keyword baseline")
+    q.add_argument("--out", help="also write the JSON here, e.g. reports/quality_rules.json")
+    q.add_argument("--params", default="params.yaml")
+    q.set_defaults(func=_score)
 
     b = sub.add_parser("bench", help="run a speed benchmark and print its figures")
     bench.add_arguments(b)
@@ -38,6 +102,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"medfilip: params error: {exc}", file=sys.stderr)
         return 2
+    except ValueError as exc:  # AuditError, DatasetError, ...: messages written for people
+        print(f"medfilip: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

