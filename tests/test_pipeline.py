@@ -27,7 +27,7 @@ def project(tmp_path_factory):
 @pytest.mark.slow
 def test_repro_runs_every_stage_and_writes_contracts(project):
     root, first = project
-    assert {"synthesize", "ingest", "pixels", "extract"} <= ran_stages(first)
+    assert {"synthesize", "ingest", "pixels", "extract", "normalize", "explain", "embed"} <= ran_stages(first)
     studies = pq.read_table(root / "data/interim/studies.parquet")
     images = pq.read_table(root / "data/interim/images.parquet")
     assert {"study_id", "patient_id", "split", "report", "findings", "impression"} <= set(studies.column_names)
@@ -46,6 +46,15 @@ def test_repro_runs_every_stage_and_writes_contracts(project):
     triplets = pq.read_table(root / "data/interim/triplets_raw.parquet")
     assert set(triplets.column("study_id").to_pylist()) <= set(studies.column("study_id").to_pylist())
     assert (root / "data/cache/llm.sqlite").exists()
+    triplets_norm = pq.read_table(root / "data/processed/triplets.parquet")
+    assert triplets_norm.num_rows == triplets.num_rows  # nothing dropped silently
+    assert {"category_norm", "severity_norm", "location_norm", "kept", "drop_reason"} <= set(triplets_norm.column_names)
+    labels = pq.read_table(root / "data/processed/labels.parquet")
+    texts = pq.read_table(root / "data/processed/texts.parquet")
+    embeddings = pq.read_table(root / "data/processed/embeddings.parquet")
+    assert set(labels.column("text_id").to_pylist()) == set(texts.column("text_id").to_pylist())
+    assert embeddings.column("text_id").to_pylist() == texts.column("text_id").to_pylist()
+    assert embeddings.schema.field("embedding").type.list_size == 384
     for severity in ("mild", "moderate", "severe"):
         assert (root / f"reports/figures/phantom_{severity}.png").exists()
 
@@ -69,12 +78,29 @@ def test_changing_pixels_params_reruns_only_pixels(project):
 
 
 @pytest.mark.slow
+def test_changing_explain_mode_reruns_explain_and_embed_only(project):
+    root, _ = project
+    text = (root / "params.yaml").read_text()
+    (root / "params.yaml").write_text(text.replace("mode: triplet_explanation", "mode: triplet"))
+    proc = dvc(["repro"], root)
+    assert ran_stages(proc) == {"explain", "embed"}, proc.stdout
+    embed = json.loads((root / "reports/embed.json").read_text())
+    assert embed["n_embedded"] == embed["n_texts"] > 0  # new texts, new vectors
+    (root / "params.yaml").write_text(text)
+    assert ran_stages(dvc(["repro"], root)) == set()  # restored from DVC's run cache
+    proc = dvc(["repro", "--force", "--single-item", "embed"], root)
+    embed = json.loads((root / "reports/embed.json").read_text())
+    assert embed["n_embedded"] == 0 and embed["n_cached"] == embed["n_texts"]  # vectors re-used by (model, text)
+
+
+@pytest.mark.slow
 def test_changing_llm_reruns_extract_only_and_swapping_back_is_cached(project):
     root, _ = project
     params = (root / "params.yaml").read_text()
     (root / "params.yaml").write_text(params.replace("model: rules-v1", "model: rules-v1-alt"))
     proc = dvc(["repro"], root)
-    assert ran_stages(proc) == {"extract"}, proc.stdout
+    # extract and what depends on it; nothing upstream (ingest, pixels, synthesize).
+    assert {"extract"} <= ran_stages(proc) <= {"extract", "normalize", "explain", "embed"}, proc.stdout
     alt = json.loads((root / "reports/extract.json").read_text())
     assert alt["llm_calls"] > 0 and alt["cache_hits"] == 0  # a new model is a new cache key
     models = set(pq.read_table(root / "data/interim/triplets_raw.parquet").column("model").to_pylist())
@@ -91,4 +117,7 @@ def test_changing_llm_reruns_extract_only_and_swapping_back_is_cached(project):
     assert ran_stages(proc) == {"extract"}
     back = json.loads((root / "reports/extract.json").read_text())
     assert back["llm_calls"] == 0 and back["cache_hits"] == back["n_reports"] > 0
+    # The forced run wrote identical findings (normalize stays put); extractions.parquet now
+    # says cache_hit, so explain re-runs, renders the same texts, and embed stays put.
+    assert ran_stages(dvc(["repro"], root)) <= {"explain"}
     assert ran_stages(dvc(["repro"], root)) == set()

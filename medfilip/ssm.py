@@ -1,0 +1,138 @@
+"""The batch semantic similarity matrix (SSM), paper eq. 4-5: the soft target of the ITM loss.
+
+Image ``i`` of a batch owns the labels ``L(i)`` (indices into the batch's label list of
+``M`` labels). Its similarity to label ``j`` is the best match among its own labels::
+
+    S[i, j] = max_{k in L(i)} cos(e_k, e_j),   clamped to [0, 1]
+
+The label vectors ``e`` are precomputed by the ``embed`` stage (:mod:`medfilip.embed`),
+so a batch costs one gather, one M x M matmul and one scatter-max.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import torch
+
+
+def gather_label_vectors(embedding_table: torch.Tensor, text_index: torch.Tensor) -> torch.Tensor:
+    """Rows ``text_index`` (M,) of the (T, D) embedding table -> (M, D), on the table's device."""
+    if embedding_table.ndim != 2:
+        raise ValueError(f"embedding_table must be (T, D), got shape {tuple(embedding_table.shape)}")
+    if text_index.ndim != 1:
+        raise ValueError(f"text_index must be 1-D (M,), got shape {tuple(text_index.shape)}")
+    if text_index.device != embedding_table.device:
+        raise ValueError(
+            f"text_index is on {text_index.device} but the embedding table on {embedding_table.device}: "
+            "move the table to the training device once, and the batch's indices with the batch"
+        )
+    index = text_index.long()
+    if index.numel() and (int(index.min()) < 0 or int(index.max()) >= embedding_table.shape[0]):
+        raise IndexError(
+            f"text_index out of range for an embedding table of {embedding_table.shape[0]} rows "
+            f"(min {int(index.min())}, max {int(index.max())}): labels and embeddings.parquet disagree; "
+            "re-run the embed stage"
+        )
+    return embedding_table.index_select(0, index)
+
+
+def build_similarity_matrix(
+    label_vecs: torch.Tensor,
+    label_owner: torch.Tensor,
+    n_images: int,
+    *,
+    label_category: torch.Tensor | None = None,
+    same_category_only: bool = False,
+) -> torch.Tensor:
+    """S (B, M) float32 of eq. 4-5: per image, the max cosine of its own labels to each batch label.
+
+    ``label_owner[j]`` is the image (in ``[0, n_images)``) that owns label ``j``; an image
+    without labels gets a zero row. ``same_category_only`` (the released code's variant)
+    counts a pair only when both labels share ``label_category``.
+    """
+    if label_vecs.ndim != 2:
+        raise ValueError(f"label_vecs must be (M, D), got shape {tuple(label_vecs.shape)}")
+    n_labels = label_vecs.shape[0]
+    if label_owner.shape != (n_labels,):
+        raise ValueError(f"label_owner must be ({n_labels},) like label_vecs' rows, got {tuple(label_owner.shape)}")
+    if n_images < 0:
+        raise ValueError(f"n_images must be >= 0, got {n_images}")
+    device = label_vecs.device
+    owner = label_owner.to(device=device, dtype=torch.long)
+    if n_labels and (int(owner.min()) < 0 or int(owner.max()) >= n_images):
+        raise IndexError(
+            f"label_owner must lie in [0, {n_images}) (got min {int(owner.min())}, max {int(owner.max())})"
+        )
+    sim = torch.zeros((n_images, n_labels), dtype=torch.float32, device=device)
+    if n_labels == 0 or n_images == 0:
+        return sim
+
+    # float32 whatever the input (fp16/bf16 vectors): a target must not carry rounding from AMP.
+    vecs = torch.nn.functional.normalize(label_vecs.detach().float(), dim=-1)
+    cos = vecs @ vecs.T  # (M, M) cosine between every pair of batch labels
+    cos.fill_diagonal_(1.0)  # cos(e, e) = 1 exactly, not 1 - 1e-7
+    if same_category_only:
+        if label_category is None:
+            raise ValueError(
+                "same_category_only=True needs label_category (M,) (the category index of each label)"
+            )
+        if label_category.shape != (n_labels,):
+            raise ValueError(
+                f"label_category must be ({n_labels},) like label_vecs' rows, got {tuple(label_category.shape)}"
+            )
+        category = label_category.to(device)
+        cos = cos.masked_fill(category[:, None] != category[None, :], 0.0)
+
+    # Row k of cos goes to image owner[k]; amax over an image's own labels k (eq. 5).
+    sim = sim.scatter_reduce(0, owner[:, None].expand(n_labels, n_labels), cos, reduce="amax", include_self=False)
+    return sim.clamp_(0.0, 1.0)
+
+
+def load_embedding_table(path: Path, text_ids: list[str] | None = None) -> tuple[torch.Tensor, dict[str, int]]:
+    """embeddings.parquet -> (T, D) float32 tensor + ``text_id -> row``.
+
+    ``text_ids``: keep only these rows, in this order (a missing id is an error naming it).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no embeddings here (run the embed stage: dvc repro embed)")
+    table = pq.read_table(path, columns=["text_id", "embedding"])
+    ids = [str(t) for t in table.column("text_id").to_pylist()]
+    column = table.column("embedding").combine_chunks()
+    if column.null_count:
+        raise ValueError(f"{path}: {column.null_count} null embedding(s); re-run the embed stage")
+    if pa.types.is_fixed_size_list(column.type):
+        dim = column.type.list_size
+        flat = column.flatten()
+    elif pa.types.is_list(column.type) or pa.types.is_large_list(column.type):
+        lengths = set(pc.list_value_length(column).to_pylist())
+        if len(lengths) > 1:
+            raise ValueError(f"{path}: embeddings of different lengths {sorted(lengths)[:5]}")
+        dim = lengths.pop() if lengths else 0
+        flat = column.flatten()
+    else:
+        raise ValueError(f"{path}: column 'embedding' must be a list of float32, got {column.type}")
+    # A copy: Arrow's buffers are read-only, and torch tensors must be writable.
+    matrix = np.array(flat.to_numpy(zero_copy_only=False), dtype=np.float32).reshape(len(ids), dim)
+
+    rows = {text_id: i for i, text_id in enumerate(ids)}
+    if len(rows) != len(ids):
+        raise ValueError(f"{path}: text_id is not unique; re-run the embed stage")
+    if text_ids is not None:
+        if len(set(text_ids)) != len(text_ids):
+            raise ValueError("text_ids must not repeat an id (ask for each text once)")
+        missing = [t for t in text_ids if t not in rows]
+        if missing:
+            raise KeyError(
+                f"{path}: {len(missing)} text_id(s) have no embedding (e.g. {', '.join(missing[:5])}); "
+                "re-run the embed stage after explain"
+            )
+        matrix = matrix[[rows[t] for t in text_ids]]
+        rows = {text_id: i for i, text_id in enumerate(text_ids)}
+    return torch.from_numpy(np.ascontiguousarray(matrix)), rows
+

@@ -1,0 +1,26 @@
+"""DVC stage `explain` (IKI): kept findings -> label texts with knowledge-dictionary explanations."""
+
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+from medfilip.config import load_params
+from medfilip.explain import build_labels
+from medfilip.knowledge import knowledge_base
+from medfilip.reporting import write_json
+from medfilip.vocab import load_vocabulary
+
+if __name__ == "__main__":
+    params = load_params()
+    explanations, knowledge_report = knowledge_base(params.knowledge, load_vocabulary(params.normalize.vocabulary))
+    labels, texts, summary = build_labels(
+        pq.read_table("data/processed/triplets.parquet"),
+        pq.read_table("data/interim/studies.parquet"),
+        pq.read_table("data/interim/extractions.parquet"),
+        {category: e.text for category, e in explanations.items()},
+        params.explain,
+    )
+    pq.write_table(labels, "data/processed/labels.parquet")
+    pq.write_table(texts, "data/processed/texts.parquet")
+    write_json(Path("reports/explain.json"), {**summary, "knowledge": knowledge_report})
+    print(f"explain: {summary['n_labels']} labels, {summary['n_unique_texts']} unique texts")

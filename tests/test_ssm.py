@@ -1,0 +1,203 @@
+"""The batch semantic similarity matrix (eq. 4-5) against a plain-loop twin, and its properties."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from medfilip.embed import embeddings_table
+from medfilip.ssm import build_similarity_matrix, gather_label_vectors, load_embedding_table
+
+
+def loop_similarity(vecs, owner, n_images, category=None):
+    """Eq. 4-5 the obvious way: for each image i and label j, max over i's labels k of cos(e_k, e_j)."""
+    vecs = [[float(x) for x in row] for row in vecs]
+    owner = [int(o) for o in owner]
+
+    def cos(a, b):
+        dot = sum(x * y for x, y in zip(a, b))
+        norm = math.sqrt(sum(x * x for x in a)) * math.sqrt(sum(y * y for y in b))
+        return dot / norm
+
+    sim = [[0.0] * len(vecs) for _ in range(n_images)]
+    for i in range(n_images):
+        own = [k for k in range(len(vecs)) if owner[k] == i]
+        for j in range(len(vecs)):
+            scores = []
+            for k in own:
+                if category is not None and int(category[k]) != int(category[j]):
+                    scores.append(0.0)
+                else:
+                    scores.append(cos(vecs[k], vecs[j]))
+            best = max(scores) if scores else 0.0
+            sim[i][j] = min(1.0, max(0.0, best))
+    return torch.tensor(sim, dtype=torch.float32).reshape(n_images, len(vecs))
+
+
+def random_batch(n_images, n_labels, dim, seed):
+    gen = torch.Generator().manual_seed(seed)
+    vecs = torch.nn.functional.normalize(torch.randn(n_labels, dim, generator=gen), dim=-1)
+    # Skewed owners: some images get many labels, some none.
+    weights = torch.rand(n_images, generator=gen) ** 3 + 1e-3
+    owner = torch.multinomial(weights, n_labels, replacement=True, generator=gen)
+    return vecs, owner
+
+
+CASES = [(1, 1, 3), (3, 5, 4), (6, 12, 8), (8, 30, 16), (5, 2, 5), (16, 40, 32)]
+
+
+@pytest.mark.parametrize("n_images,n_labels,dim", CASES)
+@pytest.mark.parametrize("seed", [0, 1])
+def test_matches_loop_twin(n_images, n_labels, dim, seed):
+    vecs, owner = random_batch(n_images, n_labels, dim, seed)
+    fast = build_similarity_matrix(vecs, owner, n_images)
+    torch.testing.assert_close(fast, loop_similarity(vecs, owner, n_images), atol=1e-5, rtol=0)
+
+
+def test_loop_twin_cases_cover_empty_and_crowded_images():
+    covered_empty = covered_many = False
+    for n_images, n_labels, dim in CASES:
+        for seed in (0, 1):
+            _, owner = random_batch(n_images, n_labels, dim, seed)
+            counts = torch.bincount(owner, minlength=n_images)
+            covered_empty |= bool((counts == 0).any())
+            covered_many |= bool((counts >= 5).any())
+    assert covered_empty and covered_many
+
+
+def test_image_without_labels_gets_zero_row():
+    vecs, _ = random_batch(1, 4, 6, seed=3)
+    owner = torch.tensor([0, 0, 2, 2])
+    sim = build_similarity_matrix(vecs, owner, n_images=4)
+    assert sim.shape == (4, 4)
+    assert torch.all(sim[1] == 0) and torch.all(sim[3] == 0)
+
+
+def test_properties_self_one_shape_and_range():
+    vecs, owner = random_batch(7, 25, 12, seed=5)
+    sim = build_similarity_matrix(vecs, owner, n_images=7)
+    assert sim.shape == (7, 25) and sim.dtype == torch.float32
+    assert torch.all(sim >= 0) and torch.all(sim <= 1)
+    assert torch.all(sim[owner, torch.arange(25)] == 1.0)  # each label is fully similar to itself
+
+
+def test_unnormalised_and_negative_similarities_are_cosine_and_clamped():
+    vecs = torch.tensor([[1.0, 0.0], [-3.0, 0.0], [2.0, 2.0]])
+    sim = build_similarity_matrix(vecs, torch.tensor([0, 1, 1]), n_images=2)
+    expected = torch.tensor([[1.0, 0.0, math.sqrt(0.5)], [math.sqrt(0.5), 1.0, 1.0]])
+    torch.testing.assert_close(sim, expected)
+
+
+def test_images_sharing_a_label_text_are_fully_similar_at_each_others_labels():
+    table = torch.nn.functional.normalize(torch.randn(5, 8, generator=torch.Generator().manual_seed(0)), dim=-1)
+    # image 0: texts 0, 1; image 1: texts 2, 1 (text 1 shared); image 2: text 3
+    text_index = torch.tensor([0, 1, 2, 1, 3])
+    owner = torch.tensor([0, 0, 1, 1, 2])
+    sim = build_similarity_matrix(gather_label_vectors(table, text_index), owner, n_images=3)
+    torch.testing.assert_close(sim[0, 3], torch.tensor(1.0))  # image 0 at image 1's copy of text 1
+    torch.testing.assert_close(sim[1, 1], torch.tensor(1.0))  # image 1 at image 0's copy of text 1
+    assert sim[2, 1] < 1.0
+
+
+def test_same_category_only_zeroes_cross_category_pairs_and_matches_its_twin():
+    vecs, owner = random_batch(6, 20, 8, seed=2)
+    # Make the cross-category pairs clearly similar, so that zeroing them shows.
+    vecs = torch.nn.functional.normalize(vecs + 2.0, dim=-1)
+    category = torch.randint(0, 3, (20,), generator=torch.Generator().manual_seed(9))
+    plain = build_similarity_matrix(vecs, owner, 6)
+    masked = build_similarity_matrix(vecs, owner, 6, label_category=category, same_category_only=True)
+    torch.testing.assert_close(masked, loop_similarity(vecs, owner, 6, category), atol=1e-5, rtol=0)
+    for i in range(6):
+        own_categories = set(category[owner == i].tolist())
+        if not own_categories:
+            continue  # an image without labels is all zeros either way
+        for j in range(20):
+            if int(category[j]) not in own_categories:
+                assert masked[i, j] == 0 and plain[i, j] > 0
+    assert torch.all(masked <= plain + 1e-6)
+
+
+def test_same_category_only_needs_label_category():
+    vecs, owner = random_batch(2, 3, 4, seed=0)
+    with pytest.raises(ValueError, match="label_category"):
+        build_similarity_matrix(vecs, owner, 2, same_category_only=True)
+    with pytest.raises(ValueError, match="label_category"):
+        build_similarity_matrix(vecs, owner, 2, label_category=torch.tensor([0, 1]), same_category_only=True)
+
+
+def test_bad_owner_and_shapes_are_clear_errors():
+    vecs, _ = random_batch(2, 3, 4, seed=0)
+    with pytest.raises(IndexError, match=r"\[0, 2\)"):
+        build_similarity_matrix(vecs, torch.tensor([0, 1, 2]), 2)
+    with pytest.raises(ValueError, match="label_owner"):
+        build_similarity_matrix(vecs, torch.tensor([0, 1]), 2)
+
+
+def test_empty_batch_of_labels():
+    sim = build_similarity_matrix(torch.zeros(0, 4), torch.zeros(0, dtype=torch.long), 3)
+    assert sim.shape == (3, 0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_low_and_high_precision_inputs_compute_in_float32(dtype):
+    vecs, owner = random_batch(4, 10, 16, seed=4)
+    sim = build_similarity_matrix(vecs.to(dtype), owner.int(), 4)
+    assert sim.dtype == torch.float32
+    reference = build_similarity_matrix(vecs.to(dtype).float(), owner, 4)
+    torch.testing.assert_close(sim, reference)
+    torch.testing.assert_close(sim, build_similarity_matrix(vecs, owner, 4), atol=1e-2, rtol=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_matches_cpu():
+    vecs, owner = random_batch(8, 30, 16, seed=6)
+    category = torch.randint(0, 4, (30,))
+    for kwargs in ({}, {"label_category": category, "same_category_only": True}):
+        cpu = build_similarity_matrix(vecs, owner, 8, **kwargs)
+        cuda_kwargs = {k: v.cuda() if torch.is_tensor(v) else v for k, v in kwargs.items()}
+        gpu = build_similarity_matrix(vecs.cuda().half(), owner.cuda(), 8, **cuda_kwargs)
+        assert gpu.device.type == "cuda"
+        torch.testing.assert_close(gpu.cpu(), cpu, atol=2e-3, rtol=0)
+
+
+def test_gather_label_vectors():
+    table = torch.arange(12, dtype=torch.float32).reshape(4, 3)
+    out = gather_label_vectors(table, torch.tensor([3, 0, 3]))
+    torch.testing.assert_close(out, table[[3, 0, 3]])
+    with pytest.raises(IndexError, match="re-run the embed stage"):
+        gather_label_vectors(table, torch.tensor([4]))
+    with pytest.raises(ValueError, match="1-D"):
+        gather_label_vectors(table, torch.tensor([[0]]))
+
+
+def test_load_embedding_table_round_trip(tmp_path):
+    vectors = np.random.default_rng(0).standard_normal((4, 5)).astype(np.float32)
+    path = tmp_path / "embeddings.parquet"
+    pq.write_table(embeddings_table(["a", "b", "c", "d"], vectors), path)
+    table, rows = load_embedding_table(path)
+    assert table.dtype == torch.float32 and table.shape == (4, 5)
+    assert rows == {"a": 0, "b": 1, "c": 2, "d": 3}
+    np.testing.assert_array_equal(table.numpy(), vectors)
+
+    subset, rows = load_embedding_table(path, ["d", "b"])
+    assert rows == {"d": 0, "b": 1}
+    np.testing.assert_array_equal(subset.numpy(), vectors[[3, 1]])
+    with pytest.raises(KeyError, match="zz"):
+        load_embedding_table(path, ["a", "zz"])
+
+
+def test_load_embedding_table_accepts_plain_lists_of_equal_length(tmp_path):
+    path = tmp_path / "e.parquet"
+    pq.write_table(
+        pa.table({"text_id": ["x", "y"], "embedding": pa.array([[1.0, 2.0], [3.0, 4.0]], pa.list_(pa.float32()))}),
+        path,
+    )
+    table, _ = load_embedding_table(path)
+    assert table.tolist() == [[1.0, 2.0], [3.0, 4.0]]
+    with pytest.raises(FileNotFoundError, match="embed"):
+        load_embedding_table(tmp_path / "missing.parquet")
