@@ -209,16 +209,22 @@ def openi_studies(reports: Sequence[Any]) -> pa.Table:
 
 
 def phantom_studies(root: str | Path) -> tuple[pa.Table, pa.Table]:
-    """(studies with FINDINGS + IMPRESSION text, truth) of a phantom dataset folder."""
+    """(studies, truth) of a phantom dataset folder.
+
+    Each report is reduced exactly as the extract stage does it (``extract.text: sections``),
+    so scoring re-uses the answers ``dvc repro extract`` cached and pays for nothing twice.
+    """
+    from medfilip.config import ExtractParams
     from medfilip.data.sections import findings_and_impression
+    from medfilip.extract.run import report_text
 
     root = Path(root)
     studies = pq.read_table(root / "studies.parquet", columns=["study_id", "report"]).to_pylist()
+    sections = ExtractParams(text="sections")
     texts = []
     for s in studies:
         findings, impression = findings_and_impression(s["report"])
-        parts = [f"FINDINGS: {findings}" if findings else "", f"IMPRESSION: {impression}" if impression else ""]
-        texts.append("\n\n".join(p for p in parts if p) or s["report"])
+        texts.append(report_text({"report": s["report"], "findings": findings, "impression": impression}, sections)[0])
     table = pa.table({"study_id": [s["study_id"] for s in studies], "report": texts})
     truth = pq.read_table(root / "truth.parquet", columns=["study_id", "category", "severity", "location"])
     return table, truth
