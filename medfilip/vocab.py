@@ -292,7 +292,7 @@ class Vocabulary:
         norm = normalize_text(text)
         if norm in SEVERITIES:
             return norm
-        level = _scan_first(norm.split(), self.severity_words(category), self._max_severity_words)
+        level = scan_first(norm.split(), self.severity_words(category), self._max_severity_words)
         if level is None and category is not None:
             level = self.severity_from_size(text, category)
         return level
@@ -311,7 +311,7 @@ class Vocabulary:
         """The change versus a prior study a text states (new/stable/improved/worsened/resolved), or None."""
         if not text:
             return None
-        return _scan_first(normalize_text(text).split(), self.change_phrases, 4)
+        return scan_first(normalize_text(text).split(), self.change_phrases, 4)
 
     def place_of(self, text: str | None) -> Place:
         """The side and zone named in a text (``Place()`` when none)."""
@@ -348,7 +348,7 @@ def grade_size(size_mm: float, bounds: tuple[float, float]) -> str:
     return "mild" if size_mm < bounds[0] else "severe" if size_mm > bounds[1] else "moderate"
 
 
-def _scan_first(words: list[str], table: Mapping[str, str], max_words: int) -> str | None:
+def scan_first(words: list[str], table: Mapping[str, str], max_words: int) -> str | None:
     """The value of the first (longest at its position) phrase of ``table`` in the words."""
     for i in range(len(words)):
         for n in range(min(max_words, len(words) - i), 0, -1):

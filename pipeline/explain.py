@@ -7,6 +7,7 @@ import pyarrow.parquet as pq
 from medfilip.config import load_params
 from medfilip.explain import build_labels
 from medfilip.knowledge import knowledge_base
+from medfilip.normal import load_normal_statements
 from medfilip.reporting import write_json
 from medfilip.vocab import load_vocabulary
 
@@ -19,8 +20,11 @@ if __name__ == "__main__":
         pq.read_table("data/interim/extractions.parquet"),
         {category: e.text for category, e in explanations.items()},
         params.explain,
+        extract=params.extract,  # normal statements are read in the text the extractor saw
+        normal_statements=load_normal_statements(params.explain.normal_statements),
     )
     pq.write_table(labels, "data/processed/labels.parquet")
     pq.write_table(texts, "data/processed/texts.parquet")
     write_json(Path("reports/explain.json"), {**summary, "knowledge": knowledge_report})
-    print(f"explain: {summary['n_labels']} labels, {summary['n_unique_texts']} unique texts")
+    print(f"explain: {summary['n_labels']} labels, {summary['n_unique_texts']} unique texts, "
+          f"{summary['n_studies_normal_label']} normal studies, unlabelled {summary['unlabelled_by_reason']}")

@@ -11,7 +11,7 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-GENERATED = {"raw", "interim", "processed", "models", "cache"}
+GENERATED = {"raw", "interim", "processed", "models", "cache", "checkpoints"}
 
 
 def _ignore_generated(dirpath: str, names: list[str]) -> set[str]:
@@ -43,6 +43,8 @@ def make_project(dest: Path, overrides: dict) -> Path:
     run(["git", "config", "user.name", "test"], dest)
     run([sys.executable, "-m", "dvc", "init", "-q"], dest)
     run([sys.executable, "-m", "dvc", "config", "core.analytics", "false"], dest)
+    # A repo with history, as users have: dvclive cannot read the revision of an empty one.
+    run(["git", "commit", "-q", "--allow-empty", "-m", "init"], dest)
     return dest
 
 

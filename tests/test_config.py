@@ -65,6 +65,24 @@ def test_split_fractions_must_sum_to_one(tmp_path):
         load_params(write(tmp_path, "data:\n  split:\n    train: 0.9\n    val: 0.2\n    test: 0.1\n"))
 
 
+@pytest.mark.parametrize(
+    "text, key",
+    [
+        ("extract:\n  max_report_chars: 0\n", "extract.max_report_chars"),  # would empty every report
+        ("extract:\n  max_report_chars: -1\n", "extract.max_report_chars"),
+        ("extract:\n  max_report_chars: 40\n", "extract.max_report_chars"),  # cuts off the impression
+        ("extract:\n  max_failure_fraction: 1.5\n", "extract.max_failure_fraction"),
+        ("normalize:\n  top_oov: -1\n", "normalize.top_oov"),
+        ("explain:\n  normal_label: ''\n", "explain.normal_label"),
+    ],
+)
+def test_invalid_values_refused_at_load(tmp_path, text, key):
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")) as err:
+        load_params(path)
+    assert str(path) in str(err.value)
+
+
 def test_int_accepted_for_float_and_defaults_fill_in(tmp_path):
     params = load_params(write(tmp_path, "data:\n  split:\n    train: 1\n    val: 0\n    test: 0\n"))
     assert params.data.split.train == 1.0 and isinstance(params.data.split.train, float)

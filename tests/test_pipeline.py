@@ -6,6 +6,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+from medfilip.model import load as load_model
 from pipeline_project import dvc, make_project, ran_stages
 
 SMALL = {
@@ -14,6 +15,11 @@ SMALL = {
     "phantom.workers": 1,
     "pixels.image_size": 48,
     "pixels.workers": 1,
+    "train.epochs": 1,
+    "train.batch_size": 8,
+    "train.image_size": 32,
+    "train.workers": 0,
+    "train.text_frozen": True,
 }
 
 
@@ -27,7 +33,7 @@ def project(tmp_path_factory):
 @pytest.mark.slow
 def test_repro_runs_every_stage_and_writes_contracts(project):
     root, first = project
-    assert {"synthesize", "ingest", "pixels", "extract", "normalize", "explain", "embed"} <= ran_stages(first)
+    assert {"synthesize", "ingest", "pixels", "extract", "normalize", "explain", "embed", "train"} <= ran_stages(first)
     studies = pq.read_table(root / "data/interim/studies.parquet")
     images = pq.read_table(root / "data/interim/images.parquet")
     assert {"study_id", "patient_id", "split", "report", "findings", "impression"} <= set(studies.column_names)
@@ -53,8 +59,25 @@ def test_repro_runs_every_stage_and_writes_contracts(project):
     texts = pq.read_table(root / "data/processed/texts.parquet")
     embeddings = pq.read_table(root / "data/processed/embeddings.parquet")
     assert set(labels.column("text_id").to_pylist()) == set(texts.column("text_id").to_pylist())
+    assert {"study_id", "text_id", "category_norm", "negated", "uncertain"} <= set(labels.column_names)
+    explain = json.loads((root / "reports/explain.json").read_text())
+    assert explain["n_studies"] == studies.num_rows
+    assert explain["n_studies_labelled"] + explain["n_studies_unlabelled"] == studies.num_rows
+    assert explain["n_studies_unlabelled"] == sum(explain["unlabelled_by_reason"].values())
+    # The phantom's normal studies (no truth row) get the normal label from their reports.
+    truth_ids = set(pq.read_table(root / "data/raw/phantom/truth.parquet").column("study_id").to_pylist())
+    normal = {s for s, c in zip(labels.column("study_id").to_pylist(), labels.column("category_norm").to_pylist())
+              if c == "no finding"}
+    phantom_normal = set(studies.column("study_id").to_pylist()) - truth_ids
+    assert phantom_normal and len(normal & phantom_normal) >= 0.9 * len(phantom_normal)
+    assert explain["n_studies_normal_label"] == len(normal)
     assert embeddings.column("text_id").to_pylist() == texts.column("text_id").to_pylist()
     assert embeddings.schema.field("embedding").type.list_size == 384
+    model = load_model(root / "data/models/medfilip")
+    assert model.embed_texts(["no finding"]).shape == (1, model.cfg.embed_dim)
+    train = json.loads((root / "reports/train.json").read_text())
+    assert train["finished"] and train["index"]["n_images"] > 0 and train["last_epoch"]["loss"] > 0
+    assert json.loads((root / "reports/train/metrics.json").read_text())["train"]["loss"] > 0
     for severity in ("mild", "moderate", "severe"):
         assert (root / f"reports/figures/phantom_{severity}.png").exists()
 
@@ -74,7 +97,7 @@ def test_changing_pixels_params_reruns_only_pixels(project):
     text = (root / "params.yaml").read_text().replace("image_size: 48", "image_size: 40")
     (root / "params.yaml").write_text(text)
     proc = dvc(["repro"], root)
-    assert ran_stages(proc) == {"pixels"}, proc.stdout
+    assert ran_stages(proc) == {"pixels", "train"}, proc.stdout
 
 
 @pytest.mark.slow
@@ -83,7 +106,7 @@ def test_changing_explain_mode_reruns_explain_and_embed_only(project):
     text = (root / "params.yaml").read_text()
     (root / "params.yaml").write_text(text.replace("mode: triplet_explanation", "mode: triplet"))
     proc = dvc(["repro"], root)
-    assert ran_stages(proc) == {"explain", "embed"}, proc.stdout
+    assert ran_stages(proc) == {"explain", "embed", "train"}, proc.stdout
     embed = json.loads((root / "reports/embed.json").read_text())
     assert embed["n_embedded"] == embed["n_texts"] > 0  # new texts, new vectors
     (root / "params.yaml").write_text(text)
@@ -100,7 +123,7 @@ def test_changing_llm_reruns_extract_only_and_swapping_back_is_cached(project):
     (root / "params.yaml").write_text(params.replace("model: rules-v1", "model: rules-v1-alt"))
     proc = dvc(["repro"], root)
     # extract and what depends on it; nothing upstream (ingest, pixels, synthesize).
-    assert {"extract"} <= ran_stages(proc) <= {"extract", "normalize", "explain", "embed"}, proc.stdout
+    assert {"extract"} <= ran_stages(proc) <= {"extract", "normalize", "explain", "embed", "train"}, proc.stdout
     alt = json.loads((root / "reports/extract.json").read_text())
     assert alt["llm_calls"] > 0 and alt["cache_hits"] == 0  # a new model is a new cache key
     models = set(pq.read_table(root / "data/interim/triplets_raw.parquet").column("model").to_pylist())

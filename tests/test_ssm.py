@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from medfilip.embed import embeddings_table
-from medfilip.ssm import build_similarity_matrix, gather_label_vectors, load_embedding_table
+from medfilip.ssm import build_similarity_matrix, build_targets, gather_label_vectors, load_embedding_table
 
 
 def loop_similarity(vecs, owner, n_images, category=None):
@@ -201,3 +201,140 @@ def test_load_embedding_table_accepts_plain_lists_of_equal_length(tmp_path):
     assert table.tolist() == [[1.0, 2.0], [3.0, 4.0]]
     with pytest.raises(FileNotFoundError, match="embed"):
         load_embedding_table(tmp_path / "missing.parquet")
+
+
+# --- build_targets: the (B, U) targets over a batch's unique label texts ---------------------------
+
+
+def loop_targets(kind, unique_vecs, owner, unique, n_images, category=None, same_category_only=False):
+    """The three target kinds the obvious way, one (image, text) pair at a time."""
+    vecs = [[float(x) for x in row] for row in unique_vecs]
+    owner = [int(o) for o in owner]
+    unique = [int(u) for u in unique]
+    category = None if category is None else [int(c) for c in category]
+
+    def cos(a, b):
+        dot = sum(x * y for x, y in zip(a, b))
+        return dot / (math.sqrt(sum(x * x for x in a)) * math.sqrt(sum(y * y for y in b)))
+
+    targets = [[0.0] * len(vecs) for _ in range(n_images)]
+    for i in range(n_images):
+        own_texts = [unique[k] for k in range(len(owner)) if owner[k] == i]
+        for u in range(len(vecs)):
+            if kind == "identity":
+                targets[i][u] = 1.0 if u in own_texts else 0.0
+            elif kind == "multihot":
+                targets[i][u] = 1.0 if any(category[t] == category[u] for t in own_texts) else 0.0
+            else:
+                scores = [
+                    0.0 if same_category_only and category[t] != category[u] else cos(vecs[t], vecs[u])
+                    for t in own_texts
+                ]
+                targets[i][u] = min(1.0, max(0.0, max(scores))) if scores else 0.0
+    return torch.tensor(targets, dtype=torch.float32).reshape(n_images, len(vecs))
+
+
+def random_unique_batch(n_images, n_unique, n_labels, dim, seed, n_categories=3):
+    """Unique texts, each read by at least one label (n_labels >= n_unique), skewed owners, categories."""
+    gen = torch.Generator().manual_seed(seed)
+    # Shifted vectors: many positive cosines, so that clamping and masking both show.
+    unique_vecs = torch.randn(n_unique, dim, generator=gen) + 0.5
+    unique = torch.cat([torch.arange(n_unique), torch.randint(0, n_unique, (n_labels - n_unique,), generator=gen)])
+    unique = unique[torch.randperm(n_labels, generator=gen)]
+    weights = torch.rand(n_images, generator=gen) ** 3 + 1e-3
+    owner = torch.multinomial(weights, n_labels, replacement=True, generator=gen)
+    category = torch.randint(0, n_categories, (n_unique,), generator=gen)
+    return unique_vecs, owner, unique, category
+
+
+UNIQUE_CASES = [(1, 1, 1, 3), (3, 4, 6, 4), (6, 5, 15, 8), (8, 12, 30, 16), (5, 2, 9, 5)]
+
+
+@pytest.mark.parametrize("n_images,n_unique,n_labels,dim", UNIQUE_CASES)
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize(
+    "kind,same_category_only", [("ssm", False), ("ssm", True), ("multihot", False), ("identity", False)]
+)
+def test_build_targets_matches_loop_twin(kind, same_category_only, n_images, n_unique, n_labels, dim, seed):
+    vecs, owner, unique, category = random_unique_batch(n_images, n_unique, n_labels, dim, seed)
+    fast = build_targets(
+        kind, vecs, owner, unique, n_images, unique_category=category, same_category_only=same_category_only
+    )
+    twin = loop_targets(kind, vecs, owner, unique, n_images, category, same_category_only)
+    assert fast.dtype == torch.float32 and fast.shape == (n_images, n_unique)
+    torch.testing.assert_close(fast, twin, atol=1e-5, rtol=0)
+
+
+def test_unique_cases_cover_empty_images_shared_texts_and_cross_category_pairs():
+    empty = shared = crowded = False
+    for n_images, n_unique, n_labels, dim in UNIQUE_CASES:
+        for seed in (0, 1):
+            _, owner, unique, _ = random_unique_batch(n_images, n_unique, n_labels, dim, seed)
+            empty |= bool((torch.bincount(owner, minlength=n_images) == 0).any())
+            crowded |= bool((torch.bincount(owner, minlength=n_images) >= 4).any())
+            # the same text owned by two different images
+            shared |= any(len(set(owner[unique == u].tolist())) > 1 for u in range(n_unique))
+    assert empty and shared and crowded
+
+
+@pytest.mark.parametrize("same_category_only", [False, True])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_the_ssm_with_merged_columns_equals_the_per_label_version_after_merging(same_category_only, seed):
+    vecs, owner, unique, category = random_unique_batch(7, 9, 25, 12, seed)
+    per_label = build_similarity_matrix(
+        vecs[unique], owner, 7, label_category=category[unique], same_category_only=same_category_only
+    )  # (B, M): one column per label, equal texts repeated
+    first_label_of_text = torch.tensor([int(torch.nonzero(unique == u)[0]) for u in range(9)])
+    merged = build_targets(
+        "ssm", vecs, owner, unique, 7, unique_category=category, same_category_only=same_category_only
+    )
+    torch.testing.assert_close(merged, per_label[:, first_label_of_text], atol=1e-6, rtol=0)
+    # Every column of one text in the per-label matrix is the same column.
+    for u in range(9):
+        for k in torch.nonzero(unique == u).flatten().tolist():
+            torch.testing.assert_close(per_label[:, k], merged[:, u], atol=1e-6, rtol=0)
+
+
+def test_build_targets_properties():
+    vecs, owner, unique, category = random_unique_batch(6, 5, 15, 8, seed=3)
+    ssm = build_targets("ssm", vecs, owner, unique, 6)
+    identity = build_targets("identity", vecs, owner, unique, 6)
+    multihot = build_targets("multihot", vecs, owner, unique, 6, unique_category=category)
+    assert torch.all(ssm[owner, unique] == 1.0)  # an image is fully similar to its own texts
+    assert torch.all(identity[owner, unique] == 1.0)
+    assert int(identity.sum()) == len(set(zip(owner.tolist(), unique.tolist())))
+    assert torch.all(identity <= multihot) and torch.all(identity <= ssm)
+    assert set(multihot.unique().tolist()) <= {0.0, 1.0}
+    assert set(range(6)) - set(owner.tolist())  # the case has an image without labels
+    for i in set(range(6)) - set(owner.tolist()):
+        assert torch.all(ssm[i] == 0) and torch.all(identity[i] == 0) and torch.all(multihot[i] == 0)
+
+
+def test_build_targets_clear_errors():
+    vecs, owner, unique, category = random_unique_batch(3, 4, 6, 4, seed=0)
+    with pytest.raises(ValueError, match="ssm, multihot, identity"):
+        build_targets("soft", vecs, owner, unique, 3)
+    with pytest.raises(ValueError, match="unique_category"):
+        build_targets("multihot", vecs, owner, unique, 3)
+    with pytest.raises(ValueError, match="unique_category"):
+        build_targets("ssm", vecs, owner, unique, 3, same_category_only=True)
+    with pytest.raises(ValueError, match="unique_category"):
+        build_targets("multihot", vecs, owner, unique, 3, unique_category=category[:2])
+    with pytest.raises(ValueError, match="kind='ssm' only"):
+        build_targets("identity", vecs, owner, unique, 3, unique_category=category, same_category_only=True)
+    with pytest.raises(IndexError, match=r"\[0, 4\)"):
+        build_targets("ssm", vecs, owner, torch.tensor([0, 1, 2, 3, 4, 0]), 3)
+    with pytest.raises(IndexError, match=r"\[0, 3\)"):
+        build_targets("ssm", vecs, torch.tensor([0, 1, 2, 3, 0, 0]), unique, 3)
+    with pytest.raises(ValueError, match=r"\(L,\)"):
+        build_targets("ssm", vecs, owner, unique[:3], 3)
+
+
+def test_build_targets_without_labels_and_low_precision():
+    no_labels = torch.zeros(0, dtype=torch.long)
+    empty = build_targets("ssm", torch.zeros(0, 4), no_labels, no_labels, 3)
+    assert empty.shape == (3, 0)
+    vecs, owner, unique, _ = random_unique_batch(4, 6, 10, 16, seed=4)
+    half = build_targets("ssm", vecs.bfloat16(), owner.int(), unique.int(), 4)
+    assert half.dtype == torch.float32
+    torch.testing.assert_close(half, build_targets("ssm", vecs, owner, unique, 4), atol=2e-2, rtol=0)

@@ -216,7 +216,7 @@ def phantom_studies(root: str | Path) -> tuple[pa.Table, pa.Table]:
     """
     from medfilip.config import ExtractParams
     from medfilip.data.sections import findings_and_impression
-    from medfilip.extract.run import report_text
+    from medfilip.extract.text import report_text
 
     root = Path(root)
     studies = pq.read_table(root / "studies.parquet", columns=["study_id", "report"]).to_pylist()

@@ -25,6 +25,7 @@ from medfilip.config import ExtractParams, LLMParams
 from medfilip.extract.base import Answer, ExtractionFailed, Extractor
 from medfilip.extract.cache import LLMCache, cache_key
 from medfilip.extract.schema import Finding
+from medfilip.extract.text import report_text
 
 
 class ExtractStageFailed(RuntimeError):
@@ -74,21 +75,6 @@ def open_extractor(llm: LLMParams) -> Iterator[Extractor]:
     from medfilip.extract.client import OpenAIExtractor, resolve_api_key
 
     yield OpenAIExtractor(llm, prompt, api_key=resolve_api_key(llm), base_url=llm.base_url)
-
-
-def report_text(row: dict, params: ExtractParams) -> tuple[str, bool]:
-    """The text sent for one study and whether it was cut to ``extract.max_report_chars``."""
-    text = row.get("report") or ""
-    if params.text == "sections":
-        parts = [row.get("findings"), row.get("impression")]
-        if any(parts):
-            text = "\n".join(
-                f"{name}: {body}" for name, body in zip(("FINDINGS", "IMPRESSION"), parts) if body
-            )
-    text = text.strip()
-    if len(text) > params.max_report_chars:
-        return text[: params.max_report_chars], True
-    return text, False
 
 
 async def extract_all(

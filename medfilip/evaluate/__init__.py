@@ -1,0 +1,1 @@
+"""Evaluation of a trained MedFILIP model: metrics, zero-shot, retrieval, linear probe."""

@@ -1,0 +1,146 @@
+"""The train stage on a small phantom: it learns, resumes to the same weights, runs under DDP,
+saves a model that loads on its own, and answers bad params with a sentence."""
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from medfilip.config import load_params
+from medfilip.model import MedFILIP, ModelConfig, ModelError, load, save
+from pipeline_project import dvc, env, make_project
+
+SMALL = {
+    "phantom.n_patients": 160,
+    "phantom.image_size": 96,
+    "phantom.workers": 1,
+    "pixels.image_size": 48,
+    "pixels.workers": 1,
+    "train.batch_size": 16,
+    "train.image_size": 48,
+    "train.workers": 0,
+    "train.progress": False,
+    "train.text_frozen": True,
+    "train.embed_dim": 64,
+}
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    root = make_project(tmp_path_factory.mktemp("train"), SMALL)
+    dvc(["repro", "embed", "pixels"], root)
+    return root
+
+
+def _train(root, monkeypatch, checkpoints, model_dir, stop_after_epochs=None, **overrides):
+    from medfilip.training_stage import run_train_stage
+
+    monkeypatch.chdir(root)
+    params = load_params(root / "params.yaml")
+    tp = dataclasses.replace(params.train, checkpoints=str(checkpoints), **overrides)
+    return run_train_stage(dataclasses.replace(params, train=tp), model_dir, None, stop_after_epochs)
+
+
+@pytest.mark.slow
+def test_training_lowers_loss_and_beats_chance(project, tmp_path, monkeypatch):
+    summary = _train(project, monkeypatch, tmp_path / "ck", tmp_path / "model", epochs=6, lr=0.05)
+    first, last = summary["first_epoch"], summary["last_epoch"]
+    assert summary["finished"] and summary["index"]["excluded_by_reason"]["no_label"] >= 0
+    assert last["loss"] < first["loss"]
+    assert summary["best_val_auc"] > 0.55, summary
+    assert 0 < last["logit_scale"] <= 100
+    model = load(tmp_path / "model")
+    assert model.embed_texts(["pleural effusion"]).shape == (1, 64)
+
+
+@pytest.mark.slow
+def test_resumed_run_ends_with_the_same_weights(project, tmp_path, monkeypatch):
+    straight = _train(project, monkeypatch, tmp_path / "a", tmp_path / "model_a", epochs=2)
+    assert straight["finished"]
+    cut = _train(project, monkeypatch, tmp_path / "b", tmp_path / "model_b", epochs=2, stop_after_epochs=1)
+    assert not cut["finished"] and not (tmp_path / "model_b").exists()
+    resumed = _train(project, monkeypatch, tmp_path / "b", tmp_path / "model_b", epochs=2)
+    assert resumed["finished"] and len(resumed["first_epoch"]) and resumed["last_epoch"]["epoch"] == 2
+    a = load_file(str(tmp_path / "model_a/model.safetensors"))
+    b = load_file(str(tmp_path / "model_b/model.safetensors"))
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+@pytest.mark.slow
+def test_two_process_ddp_matches_one_process_and_trains(project, tmp_path):
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    proc = subprocess.run([*launcher, str(os.path.join(os.path.dirname(__file__), "ddp_check.py")), str(tmp_path)],
+                          cwd=project, env={**env(), "PYTHONPATH": "."}, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for rank in (0, 1):
+        result = json.loads((tmp_path / f"ddp_check_rank{rank}.json").read_text())
+        assert result["world"] == 2 and result["global_batch_equal"]
+        assert result["shape"] == result["ref_shape"]
+        assert result["max_target_diff"] < 1e-6 and result["weights_equal"]
+        assert result["max_logit_diff"] < 1e-4, result
+
+    # The stage itself under torchrun: one epoch, the model written once by rank 0.
+    proc = subprocess.run([*launcher, "pipeline/train.py"], cwd=project, capture_output=True, text=True,
+                          env={**env(), "PYTHONPATH": "."})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((project / "reports/train.json").read_text())
+    assert summary["world_size"] == 2 and summary["finished"]
+    assert load(project / "data/models/medfilip").cfg.embed_dim == 64
+
+
+def test_save_and_load_round_trip(tmp_path):
+    torch.manual_seed(0)
+    model = MedFILIP(ModelConfig(image_encoder="resnet-small", image_size=32, embed_dim=16)).eval()
+    save(model, tmp_path / "m")
+    loaded = load(tmp_path / "m")
+    images = [np.random.default_rng(0).integers(0, 255, (40, 40), dtype=np.uint8) for _ in range(3)]
+    images.append(np.full((30, 50), 128, dtype=np.uint8))  # not square: padded, not stretched
+    assert torch.equal(model.embed_images(images), loaded.embed_images(images))
+    texts = ["mild left pleural effusion", "no finding"]
+    assert torch.allclose(model.embed_texts(texts), loaded.embed_texts(texts, loaded.tokenizer))
+    assert json.loads((tmp_path / "m/config.json").read_text())["medfilip"]["image_hf_config"]["num_channels"] == 1
+
+
+def test_grey_stem_equals_rgb_stem_on_a_grey_image(tmp_path):
+    from transformers import ResNetConfig, ResNetModel
+
+    torch.manual_seed(0)
+    rgb = ResNetModel(ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic")).eval()
+    rgb.save_pretrained(tmp_path / "rgb")
+    model = MedFILIP(ModelConfig(image_encoder=str(tmp_path / "rgb"), image_pretrained=True, embed_dim=8)).eval()
+    grey = torch.randn(2, 1, 32, 32)
+    with torch.no_grad():
+        expected = rgb(pixel_values=grey.repeat(1, 3, 1, 1)).pooler_output
+        got = model.image_tower(pixel_values=grey).pooler_output
+    assert torch.allclose(expected, got, atol=1e-5)
+
+
+def test_unknown_encoder_is_a_sentence():
+    with pytest.raises(ModelError, match="train.image_encoder 'no-such/encoder-xyz'"):
+        MedFILIP(ModelConfig(image_encoder="no-such/encoder-xyz"))
+    with pytest.raises(ModelError, match="train.text_encoder"):
+        MedFILIP(ModelConfig(text_encoder="./no/such/dir"))
+
+
+@pytest.mark.slow
+def test_stage_answers_bad_params_with_one_sentence(project, tmp_path):
+    params = (project / "params.yaml").read_text()
+    try:
+        for change, expected in (("image_encoder: resnet-small", "image_encoder: no-such/encoder-xyz"),
+                                 ("  seed: 0\n  batch_size", "  seed: 0\n  bogus: 1\n  batch_size")):
+            (project / "params.yaml").write_text(params.replace(change, expected, 1))
+            proc = subprocess.run([sys.executable, "pipeline/train.py"], cwd=project, env=env(),
+                                  capture_output=True, text=True)
+            assert proc.returncode != 0
+            assert "Traceback" not in proc.stderr, proc.stderr
+            assert ("no-such/encoder-xyz" in proc.stderr) or ("train.bogus" in proc.stderr), proc.stderr
+    finally:
+        (project / "params.yaml").write_text(params)
