@@ -23,6 +23,9 @@ INTERIM, PROCESSED = Path("data/interim"), Path("data/processed")
 PIXELS = PROCESSED / "pixels"
 _FINGERPRINTED = [INTERIM / "images.parquet", INTERIM / "studies.parquet", PROCESSED / "labels.parquet",
                   PROCESSED / "texts.parquet", PROCESSED / "embeddings.parquet", PIXELS / "index.parquet"]
+# The code that shapes the weights: a change to any of it starts a fresh run, never a resume.
+_CODE = [Path(__file__).parent / name for name in
+         ("train.py", "trainset.py", "model.py", "loss.py", "ssm.py", "distributed.py", "prompts.py")]
 LOGGED = ("loss", "mse", "ce", "bce", "lr", "val_auc", "img_per_s", "logit_scale")
 
 
@@ -58,7 +61,7 @@ def run_train_stage(params: Params, model_dir: Path, live_dir: Optional[Path] = 
     """Train (or resume) and return the summary for reports/train.json (None on non-main ranks)."""
     started = time.perf_counter()
     data = load_train_data(params)
-    fingerprint = input_fingerprint(_FINGERPRINTED, extra=f"{data.store.array.shape}|{params.ssm.same_category_only}")
+    fingerprint = input_fingerprint(_FINGERPRINTED + _CODE, extra=f"{data.store.array.shape}|{params.ssm.same_category_only}")
     live = None
     is_main = _is_main_rank()
     if live_dir is not None and is_main:

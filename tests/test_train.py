@@ -144,3 +144,19 @@ def test_stage_answers_bad_params_with_one_sentence(project, tmp_path):
             assert ("no-such/encoder-xyz" in proc.stderr) or ("train.bogus" in proc.stderr), proc.stderr
     finally:
         (project / "params.yaml").write_text(params)
+
+
+def test_a_changed_input_or_code_file_never_resumes_an_old_run(tmp_path):
+    from medfilip.config import TrainParams
+    from medfilip.train import run_key
+    from medfilip.training_stage import input_fingerprint
+
+    code = tmp_path / "loss.py"
+    code.write_text("def loss(): return 1\n")
+    before = run_key(TrainParams(), input_fingerprint([code]), 1)
+    code.write_text("def loss(): return 2\n")
+    assert run_key(TrainParams(), input_fingerprint([code]), 1) != before
+    # Params that cannot change the weights keep the key (a resume stays possible).
+    assert run_key(TrainParams(workers=7, progress=False), input_fingerprint([code]), 1) == \
+        run_key(TrainParams(), input_fingerprint([code]), 1)
+    assert run_key(TrainParams(lr=0.5), input_fingerprint([code]), 1) != run_key(TrainParams(), input_fingerprint([code]), 1)
