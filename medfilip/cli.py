@@ -8,7 +8,7 @@ import json
 import sys
 from pathlib import Path
 
-from medfilip import bench
+from medfilip import ablation, bench, predict
 from medfilip.config import ConfigError, load_params
 
 
@@ -92,6 +92,14 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="run a speed benchmark and print its figures")
     bench.add_arguments(b)
     b.set_defaults(func=bench.run)
+
+    z = sub.add_parser("predict", help="zero-shot class scores of images with a trained model")
+    predict.add_arguments(z)
+    z.set_defaults(func=predict.run)
+
+    ab = sub.add_parser("ablation", help="queue the paper's ablation rows as DVC experiments, or tabulate them")
+    ablation.add_arguments(ab)
+    ab.set_defaults(func=ablation.run)
     return parser
 
 

@@ -284,6 +284,31 @@ class TrainParams:
 
 
 @dataclass(frozen=True)
+class EvaluateParams:
+    """The evaluate stage: what is reported, on which split, with how much resampling."""
+
+    split: Literal["test", "val"] = "test"  # the reported split; thresholds are always chosen on val
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    batch_size: int = 128
+    n_bootstrap: int = 1000  # resamples of the images for every 95 % interval
+    seed: int = 0
+    retrieval_k: list[int] = field(default_factory=lambda: [1, 3, 10])
+    probe_fractions: list[float] = field(default_factory=lambda: [0.01, 0.1, 1.0])
+    probe_seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    case_study_images: int = 4
+
+    def __post_init__(self) -> None:
+        if self.n_bootstrap < 10:
+            raise ConfigError("evaluate.n_bootstrap must be >= 10")
+        if not self.retrieval_k or min(self.retrieval_k) < 1:
+            raise ConfigError("evaluate.retrieval_k must be a non-empty list of k >= 1")
+        if not self.probe_fractions or not all(0 < f <= 1 for f in self.probe_fractions):
+            raise ConfigError("evaluate.probe_fractions must be fractions in (0, 1]")
+        if len(self.probe_seeds) < 1:
+            raise ConfigError("evaluate.probe_seeds must list at least one seed")
+
+
+@dataclass(frozen=True)
 class Params:
     data: DataParams = field(default_factory=DataParams)
     phantom: PhantomParams = field(default_factory=PhantomParams)
@@ -295,6 +320,7 @@ class Params:
     explain: ExplainParams = field(default_factory=ExplainParams)
     ssm: SSMParams = field(default_factory=SSMParams)
     train: TrainParams = field(default_factory=TrainParams)
+    evaluate: EvaluateParams = field(default_factory=EvaluateParams)
 
 
 # --------------------------------------------------------------------------- loading

@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from sklearn.metrics import roc_auc_score
 
 from medfilip.model import load as load_model
 from pipeline_project import dvc, make_project, ran_stages
@@ -20,6 +21,8 @@ SMALL = {
     "train.image_size": 32,
     "train.workers": 0,
     "train.text_frozen": True,
+    "evaluate.n_bootstrap": 50,
+    "evaluate.split": "val",
 }
 
 
@@ -33,7 +36,8 @@ def project(tmp_path_factory):
 @pytest.mark.slow
 def test_repro_runs_every_stage_and_writes_contracts(project):
     root, first = project
-    assert {"synthesize", "ingest", "pixels", "extract", "normalize", "explain", "embed", "train"} <= ran_stages(first)
+    assert {"synthesize", "ingest", "pixels", "extract", "normalize", "explain", "embed", "train",
+            "evaluate"} <= ran_stages(first)
     studies = pq.read_table(root / "data/interim/studies.parquet")
     images = pq.read_table(root / "data/interim/images.parquet")
     assert {"study_id", "patient_id", "split", "report", "findings", "impression"} <= set(studies.column_names)
@@ -78,6 +82,19 @@ def test_repro_runs_every_stage_and_writes_contracts(project):
     train = json.loads((root / "reports/train.json").read_text())
     assert train["finished"] and train["index"]["n_images"] > 0 and train["last_epoch"]["loss"] > 0
     assert json.loads((root / "reports/train/metrics.json").read_text())["train"]["loss"] > 0
+    # Every headline number is recomputable from the per-image scores (sklearn as the referee).
+    zeroshot = json.loads((root / "reports/eval/zeroshot.json").read_text())
+    scores = pq.read_table(root / "reports/eval/zeroshot_scores.parquet").to_pylist()
+    for name, entry in zeroshot["classes"].items():
+        rows = [r for r in scores if r["class"] == name and r["prompt"] == "explanation" and r["label"] is not None]
+        y = [r["label"] for r in rows]
+        assert entry["n_pos"] == sum(y)
+        if entry["auc"] is not None:
+            assert entry["auc"] == pytest.approx(roc_auc_score(y, [r["score"] for r in rows]), abs=1e-6)
+    for task in ("single_label", "fine_grained", "unseen", "retrieval", "probe"):
+        assert json.loads((root / f"reports/eval/{task}.json").read_text())["split"] == "val"
+    probe = json.loads((root / "reports/eval/probe.json").read_text())
+    assert {"1%", "10%", "100%", "random_init"} <= set(probe)
     for severity in ("mild", "moderate", "severe"):
         assert (root / f"reports/figures/phantom_{severity}.png").exists()
 
@@ -97,7 +114,7 @@ def test_changing_pixels_params_reruns_only_pixels(project):
     text = (root / "params.yaml").read_text().replace("image_size: 48", "image_size: 40")
     (root / "params.yaml").write_text(text)
     proc = dvc(["repro"], root)
-    assert ran_stages(proc) == {"pixels", "train"}, proc.stdout
+    assert ran_stages(proc) == {"pixels", "train", "evaluate"}, proc.stdout
 
 
 @pytest.mark.slow
@@ -106,7 +123,7 @@ def test_changing_explain_mode_reruns_explain_and_embed_only(project):
     text = (root / "params.yaml").read_text()
     (root / "params.yaml").write_text(text.replace("mode: triplet_explanation", "mode: triplet"))
     proc = dvc(["repro"], root)
-    assert ran_stages(proc) == {"explain", "embed", "train"}, proc.stdout
+    assert ran_stages(proc) == {"explain", "embed", "train", "evaluate"}, proc.stdout
     embed = json.loads((root / "reports/embed.json").read_text())
     assert embed["n_embedded"] == embed["n_texts"] > 0  # new texts, new vectors
     (root / "params.yaml").write_text(text)
@@ -123,7 +140,8 @@ def test_changing_llm_reruns_extract_only_and_swapping_back_is_cached(project):
     (root / "params.yaml").write_text(params.replace("model: rules-v1", "model: rules-v1-alt"))
     proc = dvc(["repro"], root)
     # extract and what depends on it; nothing upstream (ingest, pixels, synthesize).
-    assert {"extract"} <= ran_stages(proc) <= {"extract", "normalize", "explain", "embed", "train"}, proc.stdout
+    assert {"extract"} <= ran_stages(proc) <= {"extract", "normalize", "explain", "embed", "train",
+                                                 "evaluate"}, proc.stdout
     alt = json.loads((root / "reports/extract.json").read_text())
     assert alt["llm_calls"] > 0 and alt["cache_hits"] == 0  # a new model is a new cache key
     models = set(pq.read_table(root / "data/interim/triplets_raw.parquet").column("model").to_pylist())

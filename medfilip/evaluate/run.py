@@ -1,0 +1,180 @@
+"""The evaluate stage: a trained model on a dataset's reported split -> ``reports/eval/*.json``,
+per-image scores and plots. Thresholds are chosen on val; the reported split is never tuned on."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from medfilip.config import Params
+from medfilip.evaluate import plots
+from medfilip.evaluate.probe import linear_probe
+from medfilip.evaluate.truth import NORMAL, load_truth, truth_classes
+from medfilip.evaluate.zeroshot import (SEVERITIES, fine_grained_report, image_embeddings, multilabel_report,
+                                        retrieval_report, single_label_report, text_embeddings, unseen_report)
+from medfilip.knowledge import knowledge_base
+from medfilip.model import MedFILIP, load
+from medfilip.pixels import PixelStore
+from medfilip.prompts import PROMPT_KINDS, class_prompts
+from medfilip.reporting import write_json
+from medfilip.train import select_device
+from medfilip.vocab import load_vocabulary
+
+SCORE_SCHEMA = pa.schema([("image_id", pa.string()), ("class", pa.string()), ("score", pa.float32()),
+                          ("label", pa.bool_()), ("prompt", pa.string()), ("split", pa.string())])
+
+
+def _probe_features(model: MedFILIP, store, rows: np.ndarray, batch_size: int, device) -> np.ndarray:
+    from medfilip.evaluate.probe import extract_features
+
+    return extract_features(model, store.array, rows, batch_size=batch_size, device=device)
+
+
+def evaluate_dataset(params: Params, model_dir: Path, out: Path, *, interim: Path = Path("data/interim"),
+                     processed: Path = Path("data/processed")) -> dict:
+    """Every evaluation task on the pipeline's dataset; returns the headline numbers."""
+    ep = params.evaluate
+    device = select_device(ep.device)
+    torch.manual_seed(ep.seed)
+    model = load(model_dir, device)
+    store = PixelStore.open(processed / "pixels")
+    explanations_full, _ = knowledge_base(params.knowledge, load_vocabulary(params.normalize.vocabulary))
+    explanations = {c: e.text for c, e in explanations_full.items()}
+    seen_all = [c for c, e in explanations_full.items() if not e.unseen]
+    unseen_all = [c for c, e in explanations_full.items() if e.unseen]
+    seen = truth_classes(Path(params.data.root), seen_all)
+    if seen is None:  # no truth file: score the seen classes the extractor labelled
+        labelled = set(pq.read_table(processed / "labels.parquet", columns=["category_norm"])
+                       .column("category_norm").to_pylist())
+        seen = [c for c in seen_all if c in labelled]
+    truth = load_truth(Path(params.data.root), interim, processed, seen + unseen_all, uncertain=params.train.uncertain)
+    unseen = [c for c in unseen_all if truth.labels[:, truth.column(c)].any()]
+
+    ok = store.ok
+    split_rows = {s: np.flatnonzero((truth.split == s) & ok) for s in ("train", "val", ep.split)}
+    rows, val_rows = split_rows[ep.split], split_rows["val"]
+    emb = {s: image_embeddings(model, store.array, split_rows[s], ep.batch_size, device) for s in ("val", ep.split)}
+
+    # ---- zero-shot, three prompt kinds
+    reports, score_tables = {}, []
+    unseen_scores = {}
+    for kind in PROMPT_KINDS:
+        prompts = class_prompts(seen, kind, explanations, params.explain)
+        text = text_embeddings(model, prompts)
+        test_scores, val_scores = emb[ep.split] @ text.T, emb["val"] @ text.T
+        reports[kind] = multilabel_report(test_scores, truth, rows, val_scores, val_rows, seen,
+                                          n_boot=ep.n_bootstrap, seed=ep.seed, split=ep.split)
+        score_tables.append(_score_table(truth, rows, seen, test_scores, kind, ep.split))
+        if kind == "explanation":
+            headline_scores, headline_text = test_scores, text
+        if kind in ("name", "explanation") and unseen:
+            unseen_text = text_embeddings(model, class_prompts(unseen, kind, explanations, params.explain))
+            unseen_scores[kind] = emb[ep.split] @ unseen_text.T
+            score_tables.append(_score_table(truth, rows, unseen, unseen_scores[kind], kind, ep.split))
+    zeroshot = {**reports["explanation"], "prompt": "explanation", "truth_source": truth.source,
+                "by_prompt": {k: {key: v for key, v in r.items() if key != "threshold_protocols"}
+                              for k, r in reports.items()}}
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "zeroshot.json", zeroshot)
+    pq.write_table(pa.concat_tables(score_tables), out / "zeroshot_scores.parquet")
+
+    single = {kind: single_label_report(s, truth, rows, seen) for kind, s in
+              ((k, emb[ep.split] @ text_embeddings(model, class_prompts(seen, k, explanations, params.explain)).T)
+               for k in PROMPT_KINDS)}
+    write_json(out / "single_label.json", {"split": ep.split, "by_prompt": single})
+
+    graded = [c for c in seen if c != NORMAL and any(c == k[1] for k in truth.severity)]
+    fg_prompts = {(s, c): None for c in graded for s in SEVERITIES}
+    fg_params = dataclasses.replace(params.explain, mode="triplet_explanation")
+    from medfilip.explain import render_label
+    fg_texts = [render_label(c, s, None, False, fg_params, explanations) for (s, c) in fg_prompts]
+    fg_emb = text_embeddings(model, fg_texts) if fg_texts else np.zeros((0, model.cfg.embed_dim))
+    fine = fine_grained_report(emb[ep.split], truth, rows, graded,
+                               {k: fg_emb[i] for i, k in enumerate(fg_prompts)})
+    write_json(out / "fine_grained.json", {"split": ep.split, **fine})
+
+    unseen_json = unseen_report(unseen_scores, truth, rows, unseen) if unseen else {}
+    write_json(out / "unseen.json", {"split": ep.split, "classes": unseen_json})
+
+    # ---- retrieval: test images against the class prompts of their labels (explanation kind)
+    cols = [truth.column(c) for c in seen]
+    labels_test = truth.labels[rows][:, cols]
+    retrieval = retrieval_report(emb[ep.split], labels_test, headline_text, np.eye(len(seen), dtype=bool),
+                                 ks=tuple(ep.retrieval_k))
+    curve_k = tuple(range(1, max(ep.retrieval_k) + 1))
+    curves = retrieval_report(emb[ep.split], labels_test, headline_text, np.eye(len(seen), dtype=bool), ks=curve_k)
+    write_json(out / "retrieval.json", {"split": ep.split, **retrieval})
+
+    # ---- linear probe: frozen encoder features once; trained vs randomly initialised encoder
+    probe_rows = {s: split_rows[s] for s in ("train", ep.split)}
+    torch.manual_seed(ep.seed)
+    random_model = MedFILIP(dataclasses.replace(model.cfg, image_pretrained=False)).to(device).eval()
+    probe = {}
+    for name, m in (("pretrained", model), ("random_init", random_model)):
+        x = {s: _probe_features(m, store, r, ep.batch_size, device) for s, r in probe_rows.items()}
+        probe[name] = linear_probe(x["train"], truth.labels[probe_rows["train"]][:, cols], x[ep.split],
+                                   labels_test, fractions=tuple(ep.probe_fractions), seeds=tuple(ep.probe_seeds))
+    write_json(out / "probe.json", {**probe["pretrained"], "random_init": probe["random_init"],
+                                    "split": ep.split, "classes": seen})
+
+    # ---- plots
+    plot_dir = out / "plots"
+    plots.write_curves(plot_dir, headline_scores, labels_test, truth.known[rows][:, cols], seen)
+    plots.write_precision_curves(plot_dir / "retrieval",
+                                {d: [curves[d][f"p@{k}"] for k in curve_k] for d in ("i2t", "t2i")})
+    shown = rows[: min(len(rows), 48)]
+    plots.similarity_heatmap(plot_dir / "similarity_heatmap.png", headline_scores[: len(shown)])
+    _case_study(plot_dir / "case_study.png", model, store, truth, rows, seen, explanations, params, ep)
+
+    return {
+        "split": ep.split, "n_images": int(len(rows)), "truth_source": truth.source,
+        "mean_auc": {k: r["mean_auc"] for k, r in reports.items()},
+        "mean_auc_ci": {k: r["mean_auc_ci"] for k, r in reports.items()},
+        "fine_grained_severity_accuracy": fine["severity_accuracy"],
+        "unseen": unseen_json, "retrieval": {d: retrieval[d] for d in ("i2t", "t2i")},
+    }
+
+
+def _score_table(truth, rows, classes, scores, kind, split) -> pa.Table:
+    cols = [truth.column(c) for c in classes]
+    labels = truth.labels[rows][:, cols]
+    known = truth.known[rows][:, cols]
+    n, c = scores.shape
+    label = pa.array(labels.reshape(-1), mask=~known.reshape(-1))
+    return pa.table({
+        "image_id": np.repeat(np.array(truth.image_ids, dtype=object)[rows], c).tolist(),
+        "class": list(classes) * n, "score": scores.reshape(-1).astype(np.float32), "label": label,
+        "prompt": [kind] * (n * c), "split": [split] * (n * c),
+    }, schema=SCORE_SCHEMA)
+
+
+def _case_study(path, model, store, truth, rows, seen, explanations, params, ep) -> None:
+    """The paper's Fig. 5: a few test images with one finding each, and how similar each is to
+    its class under the three prompt kinds."""
+    cols = [truth.column(c) for c in seen]
+    picked, classes_seen = [], set()
+    for r in rows:
+        present = [seen[j] for j, col in enumerate(cols) if truth.labels[r, col]]
+        if len(present) == 1 and present[0] not in classes_seen:
+            picked.append((r, present[0]))
+            classes_seen.add(present[0])
+        if len(picked) >= ep.case_study_images:
+            break
+    if not picked:  # the output still exists (DVC expects it) and says why it is empty
+        plots.case_study(path, [], [], [], note=f"no {ep.split} image with exactly one finding to show")
+        return
+    img = image_embeddings(model, store.array, np.array([r for r, _ in picked]), ep.batch_size,
+                           next(model.parameters()).device)
+    bars = []
+    for i, (_, c) in enumerate(picked):
+        values = {}
+        for kind in PROMPT_KINDS:
+            t = text_embeddings(model, class_prompts([c], kind, explanations, params.explain))
+            values[kind] = float(img[i] @ t[0])
+        bars.append(values)
+    plots.case_study(path, [store.array[r] for r, _ in picked], [c for _, c in picked], bars)
