@@ -296,8 +296,14 @@ class EvaluateParams:
     probe_fractions: list[float] = field(default_factory=lambda: [0.01, 0.1, 1.0])
     probe_seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     case_study_images: int = 4
+    # Extra evaluation sets, name -> data section (DVC foreach): each writes reports/eval/<name>/.
+    datasets: dict[str, DataParams] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        for name in self.datasets:
+            if not name.replace("-", "").replace("_", "").isalnum():
+                raise ConfigError(f"evaluate.datasets: name {name!r} must be letters, digits, - or _ "
+                                  "(it names reports/eval/<name>/)")
         if self.n_bootstrap < 10:
             raise ConfigError("evaluate.n_bootstrap must be >= 10")
         if not self.retrieval_k or min(self.retrieval_k) < 1:

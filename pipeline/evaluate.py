@@ -4,7 +4,7 @@ import sys
 from pathlib import Path
 
 from medfilip.config import ConfigError, load_params
-from medfilip.evaluate.run import evaluate_dataset
+from medfilip.evaluate.run import EvaluateError, evaluate_dataset
 from medfilip.model import ModelError
 from medfilip.reporting import write_json
 
@@ -12,7 +12,7 @@ if __name__ == "__main__":
     try:
         params = load_params()
         summary = evaluate_dataset(params, Path("data/models/medfilip"), Path("reports/eval"))
-    except (ConfigError, ModelError, FileNotFoundError) as exc:  # sentences, not tracebacks
+    except (ConfigError, ModelError, EvaluateError, FileNotFoundError) as exc:  # sentences, not tracebacks
         print(f"evaluate: {exc}", file=sys.stderr)
         sys.exit(1)
     write_json(Path("reports/evaluate.json"), summary)

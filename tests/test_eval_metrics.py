@@ -298,3 +298,11 @@ def test_label_sets_match():
     np.testing.assert_array_equal(label_sets_match(q, g, "exact"), (q[:, None, :] == g[None, :, :]).all(axis=2))
     with pytest.raises(ValueError, match="mode"):
         label_sets_match(q, g, "subset")
+
+
+def test_f1_max_of_no_images_is_nan():
+    from medfilip.evaluate.metrics import f1_max
+
+    f1, threshold, acc = f1_max(np.zeros((0, 2)), np.zeros((0, 2), dtype=bool))
+    assert np.isnan(f1).all() and np.isnan(threshold).all() and np.isnan(acc).all()
+    assert all(np.isnan(v) for v in f1_max(np.zeros(0), np.zeros(0, dtype=bool)))

@@ -162,3 +162,29 @@ def test_changing_llm_reruns_extract_only_and_swapping_back_is_cached(project):
     # says cache_hit, so explain re-runs, renders the same texts, and embed stays put.
     assert ran_stages(dvc(["repro"], root)) <= {"explain"}
     assert ran_stages(dvc(["repro"], root)) == set()
+
+
+@pytest.mark.slow
+def test_extra_evaluation_dataset_runs_through_foreach(project):
+    import yaml
+
+    from medfilip.config import PhantomParams, SplitParams
+    from medfilip.data.phantom import synthesize
+
+    root, _ = project
+    synthesize(PhantomParams(n_patients=40, image_size=96, seed=7, workers=1), SplitParams(),
+               root / "data/raw/phantom_ext")
+    original = (root / "params.yaml").read_text()
+    params = yaml.safe_load(original)
+    params["evaluate"]["datasets"] = {"ext": {"source": "phantom", "root": "data/raw/phantom_ext"}}
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    try:
+        proc = dvc(["repro"], root)
+        assert ran_stages(proc) == {"evaluate-extra@ext"}, proc.stdout  # the main evaluate stays put
+        zeroshot = json.loads((root / "reports/eval/ext/zeroshot.json").read_text())
+        assert zeroshot["truth_source"] == "truth.parquet" and zeroshot["n_images"] > 0
+        scores = pq.read_table(root / "reports/eval/ext/zeroshot_scores.parquet")
+        assert set(scores.column("prompt").to_pylist()) == {"explanation", "name", "template"}
+        assert dvc(["status"], root).stdout.strip().endswith("up to date.")
+    finally:
+        (root / "params.yaml").write_text(original)

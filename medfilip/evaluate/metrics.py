@@ -58,6 +58,9 @@ def f1_max(scores, labels):
     threshold and the accuracy there; equal F1s go to the highest threshold; NaN where a class has no positives."""
     scores, labels, one = _as_columns(scores, labels)
     n, n_classes = scores.shape
+    if n == 0:  # no images (an empty val split): nothing to choose a threshold from
+        nan = np.full(n_classes, np.nan)
+        return (nan[0], nan[0], nan[0]) if one else (nan, nan.copy(), nan.copy())
     # Descending per column; cutting after position i predicts the top i + 1 positive. Only cuts at
     # the end of a run of equal scores are real thresholds: tied scores flip together.
     order = np.argsort(-scores, axis=0, kind="stable")

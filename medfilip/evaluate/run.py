@@ -35,9 +35,32 @@ def _probe_features(model: MedFILIP, store, rows: np.ndarray, batch_size: int, d
     return extract_features(model, store.array, rows, batch_size=batch_size, device=device)
 
 
+class EvaluateError(ValueError):
+    """A dataset that cannot be evaluated: names it and says what is missing."""
+
+
+def evaluate_extra(params: Params, name: str, model_dir: Path, work: Path = Path("data/eval"),
+                   reports: Path = Path("reports/eval")) -> dict:
+    """An extra evaluation set (``evaluate.datasets``): import it and build its pixel store under
+    ``data/eval/<name>/``, then write the same reports as the main dataset under ``reports/eval/<name>/``."""
+    from medfilip.data.ingest import ingest
+    from medfilip.pixels import build_pixel_store
+
+    if name not in params.evaluate.datasets:
+        raise EvaluateError(f"evaluate.datasets has no dataset named '{name}' "
+                            f"(known: {', '.join(params.evaluate.datasets) or 'none'})")
+    data = params.evaluate.datasets[name]
+    interim, processed = work / name / "interim", work / name / "processed"
+    ingest(data, interim)
+    build_pixel_store(pq.read_table(interim / "images.parquet"), processed / "pixels", params.pixels,
+                      progress=False)
+    return evaluate_dataset(dataclasses.replace(params, data=data), model_dir, reports / name,
+                            interim=interim, processed=processed, dataset=name)
+
+
 def evaluate_dataset(params: Params, model_dir: Path, out: Path, *, interim: Path = Path("data/interim"),
-                     processed: Path = Path("data/processed")) -> dict:
-    """Every evaluation task on the pipeline's dataset; returns the headline numbers."""
+                     processed: Path = Path("data/processed"), dataset: str = "pipeline") -> dict:
+    """Every evaluation task on one dataset (the pipeline's own by default); returns the headline numbers."""
     ep = params.evaluate
     device = select_device(ep.device)
     torch.manual_seed(ep.seed)
@@ -48,6 +71,11 @@ def evaluate_dataset(params: Params, model_dir: Path, out: Path, *, interim: Pat
     seen_all = [c for c, e in explanations_full.items() if not e.unseen]
     unseen_all = [c for c, e in explanations_full.items() if e.unseen]
     seen = truth_classes(Path(params.data.root), seen_all)
+    if seen is None and not (processed / "labels.parquet").is_file():
+        raise EvaluateError(
+            f"dataset '{dataset}' at {params.data.root} has no ground truth: no truth.parquet there and no "
+            "extracted labels; give it a truth.parquet (study_id, category[, severity, uncertain])"
+        )
     if seen is None:  # no truth file: score the seen classes the extractor labelled
         labelled = set(pq.read_table(processed / "labels.parquet", columns=["category_norm"])
                        .column("category_norm").to_pylist())
@@ -58,6 +86,10 @@ def evaluate_dataset(params: Params, model_dir: Path, out: Path, *, interim: Pat
     ok = store.ok
     split_rows = {s: np.flatnonzero((truth.split == s) & ok) for s in ("train", "val", ep.split)}
     rows, val_rows = split_rows[ep.split], split_rows["val"]
+    if not len(rows):
+        raise EvaluateError(f"dataset '{dataset}' has no usable images in its '{ep.split}' split "
+                            f"(splits: {dict(zip(*np.unique(truth.split.astype(str), return_counts=True)))}); "
+                            "nothing to report")
     emb = {s: image_embeddings(model, store.array, split_rows[s], ep.batch_size, device) for s in ("val", ep.split)}
 
     # ---- zero-shot, three prompt kinds
@@ -115,12 +147,19 @@ def evaluate_dataset(params: Params, model_dir: Path, out: Path, *, interim: Pat
     torch.manual_seed(ep.seed)
     random_model = MedFILIP(dataclasses.replace(model.cfg, image_pretrained=False)).to(device).eval()
     probe = {}
-    for name, m in (("pretrained", model), ("random_init", random_model)):
+    if not len(probe_rows["train"]) or not len(rows):
+        write_json(out / "probe.json", {"split": ep.split, "skipped": f"dataset '{dataset}' has no train split "
+                                        "to fit a probe on", "classes": seen})
+        probe_pairs = ()
+    else:
+        probe_pairs = (("pretrained", model), ("random_init", random_model))
+    for name, m in probe_pairs:
         x = {s: _probe_features(m, store, r, ep.batch_size, device) for s, r in probe_rows.items()}
         probe[name] = linear_probe(x["train"], truth.labels[probe_rows["train"]][:, cols], x[ep.split],
                                    labels_test, fractions=tuple(ep.probe_fractions), seeds=tuple(ep.probe_seeds))
-    write_json(out / "probe.json", {**probe["pretrained"], "random_init": probe["random_init"],
-                                    "split": ep.split, "classes": seen})
+    if probe:
+        write_json(out / "probe.json", {**probe["pretrained"], "random_init": probe["random_init"],
+                                        "split": ep.split, "classes": seen})
 
     # ---- plots
     plot_dir = out / "plots"
@@ -132,7 +171,7 @@ def evaluate_dataset(params: Params, model_dir: Path, out: Path, *, interim: Pat
     _case_study(plot_dir / "case_study.png", model, store, truth, rows, seen, explanations, params, ep)
 
     return {
-        "split": ep.split, "n_images": int(len(rows)), "truth_source": truth.source,
+        "dataset": dataset, "split": ep.split, "n_images": int(len(rows)), "truth_source": truth.source,
         "mean_auc": {k: r["mean_auc"] for k, r in reports.items()},
         "mean_auc_ci": {k: r["mean_auc_ci"] for k, r in reports.items()},
         "fine_grained_severity_accuracy": fine["severity_accuracy"],
