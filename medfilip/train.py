@@ -321,7 +321,7 @@ def fit(tp: TrainParams, data: TrainData, model_dir: Path, fingerprint: str, *,
     data.embeddings = data.embeddings.to(device)
     tokens = TokenTable(data.tokenizer, index.texts, tp.text_max_length)
 
-    start_epoch, best, history = 0, {"auc": -math.inf, "epoch": -1}, []
+    start_epoch, best, history, resumed_from = 0, {"auc": -math.inf, "epoch": -1}, [], None
     checkpoint = run_dir / CHECKPOINT
     if checkpoint.exists():
         state = torch.load(checkpoint, map_location=device, weights_only=False)
@@ -329,6 +329,7 @@ def fit(tp: TrainParams, data: TrainData, model_dir: Path, fingerprint: str, *,
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         start_epoch, best, history = state["epoch"], state["best"], state["history"]
+        resumed_from = start_epoch
         rng_file = run_dir / f"rng-{world.rank}.pt"
         set_rng_state(torch.load(rng_file, weights_only=False) if world.rank and rng_file.exists() else state["rng"])
         if world.is_main:
@@ -409,6 +410,7 @@ def fit(tp: TrainParams, data: TrainData, model_dir: Path, fingerprint: str, *,
         shutil.copytree(run_dir / BEST_DIR, model_dir)
     if world.distributed:
         torch.distributed.barrier()
-    return {"finished": finished, "run_dir": str(run_dir), "best_epoch": best["epoch"], "best_val_auc": best["auc"],
+    return {"finished": finished, "run_dir": str(run_dir), "resumed_from_epoch": resumed_from,
+            "best_epoch": best["epoch"], "best_val_auc": best["auc"],
             "epochs": history, "world_size": world.size, "device": str(device),
             "steps_per_epoch": steps_per_epoch, "index": index.summary()}

@@ -83,7 +83,9 @@ def run_train_stage(params: Params, model_dir: Path, live_dir: Optional[Path] = 
         return None
     epochs = result["epochs"]
     return {
-        "seconds": round(time.perf_counter() - started, 1),
+        "seconds": round(time.perf_counter() - started, 1),  # this invocation (a resume is short)
+        "train_seconds_all_epochs": round(sum(e["seconds"] for e in epochs), 1),
+        "resumed": result["resumed_from_epoch"],
         "device": result["device"],
         "world_size": result["world_size"],
         "finished": result["finished"],

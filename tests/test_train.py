@@ -66,7 +66,8 @@ def test_resumed_run_ends_with_the_same_weights(project, tmp_path, monkeypatch):
     cut = _train(project, monkeypatch, tmp_path / "b", tmp_path / "model_b", epochs=2, stop_after_epochs=1)
     assert not cut["finished"] and not (tmp_path / "model_b").exists()
     resumed = _train(project, monkeypatch, tmp_path / "b", tmp_path / "model_b", epochs=2)
-    assert resumed["finished"] and len(resumed["first_epoch"]) and resumed["last_epoch"]["epoch"] == 2
+    assert resumed["finished"] and resumed["resumed"] == 1 and resumed["last_epoch"]["epoch"] == 2
+    assert straight["resumed"] is None and resumed["train_seconds_all_epochs"] > 0
     a = load_file(str(tmp_path / "model_a/model.safetensors"))
     b = load_file(str(tmp_path / "model_b/model.safetensors"))
     assert a.keys() == b.keys()
