@@ -20,12 +20,45 @@ def _pixels(args) -> dict:
 
 
 def _extract(args) -> dict:
-    from medfilip.extract.throughput import benchmark, cached_rerun_benchmark
+    from medfilip.benchmarks.extract_throughput import benchmark, cached_rerun_benchmark
 
+    if args.sizes:  # issue 9: peak RSS and reports/s at scale, one fresh process per size
+        from medfilip.benchmarks.extract_throughput import scale_benchmark
+
+        sizes = tuple(int(n) for n in args.sizes.split(","))
+        concurrency = int(args.concurrency.split(",")[-1])
+        return scale_benchmark(sizes, concurrency=concurrency, latency_s=args.latency, code_path=args.code_path)
     concurrencies = tuple(int(c) for c in args.concurrency.split(","))
     result = benchmark(n_reports=args.n, latency_s=args.latency, concurrencies=concurrencies)
     result["cached_at_scale"] = cached_rerun_benchmark(n_reports=args.scale)
     return result
+
+
+def _vocab(args) -> dict:
+    import time
+
+    from medfilip.vocab import load_vocabulary
+
+    vocab = load_vocabulary()
+    phrases = ["small effusion", "cardiomegaly", "blunting", "no acute cardiopulmonary process"]
+    texts = [f"{phrases[i % len(phrases)]} {i}" for i in range(args.n)]
+    start = time.perf_counter()
+    found = sum(vocab.category_of(t) is not None for t in texts)
+    seconds = time.perf_counter() - start
+    return {"n_phrases": len(texts), "n_with_category": found, "seconds": round(seconds, 4),
+            "phrases_per_s": round(len(texts) / seconds, 1) if seconds > 0 else None}
+
+
+def _audit(args) -> dict:
+    from medfilip.benchmarks.audit_memory import benchmark
+
+    return benchmark(n_answers=args.n)
+
+
+def _normalize(args) -> dict:
+    from medfilip.benchmarks.findings import benchmark
+
+    return benchmark(n_rows=args.n, explain=args.name == "explain")
 
 
 def _embed(args) -> dict:
@@ -46,6 +79,8 @@ def _train(args) -> dict:
 
 BENCHMARKS: dict[str, Callable] = {
     "phantom": _phantom, "pixels": _pixels, "extract": _extract, "embed": _embed, "train": _train,
+    "vocab": _vocab, "audit": _audit,
+    "normalize": _normalize, "explain": _normalize,  # finding rows/s (normalize; explain adds build_labels)
 }
 
 
@@ -64,6 +99,11 @@ def add_arguments(parser) -> None:
     parser.add_argument("--latency", type=float, default=0.05, help="extract: stand-in latency per call (s)")
     parser.add_argument("--concurrency", default="1,8,64", help="extract: llm.max_concurrency values")
     parser.add_argument("--scale", type=int, default=100_000, help="extract: reports in the cached re-run")
+    parser.add_argument("--sizes", default=None,
+                        help="extract: e.g. 10000,200000 -- peak RSS and reports/s of uncached runs at these sizes "
+                             "(at the last --concurrency value)")
+    parser.add_argument("--code-path", default=None,
+                        help="extract --sizes: run the stage from this checkout (before/after comparisons)")
     parser.add_argument("--params", default="params.yaml", help="train: the train section to start from")
     parser.add_argument("--batch", type=int, default=None, help="train: batch size (default: train.batch_size)")
     parser.add_argument("--steps", type=int, default=20, help="train: timed steps per measurement")

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from medfilip import ablation, bench, predict
 from medfilip.config import ConfigError, load_params
+from medfilip.errors import UserError, debug_enabled, is_for_people, message
 
 
 def _params(args) -> int:
@@ -26,7 +27,7 @@ def _audit(args) -> int:
         print("saved queries (medfilip audit --query NAME):")
         for name, (description, _) in queries.items():
             print(f"  {name:24s} {description}")
-        con, views = audit.connect(load_params(args.params))
+        views = audit.available_views(load_params(args.params))
         print("views:", ", ".join(views) or "(none yet: run `dvc repro`)")
         return 0
     if args.query:
@@ -35,8 +36,8 @@ def _audit(args) -> int:
         sql = queries[args.query][1]
     else:
         sql = args.sql
-    con, _ = audit.connect(load_params(args.params))
-    columns, rows = audit.run_query(con, sql)
+    with audit.session(load_params(args.params), sql=sql) as (con, _):
+        columns, rows = audit.run_query(con, sql)
     sys.stdout.write(audit.format_rows(columns, rows, args.format, None if args.limit <= 0 else args.limit))
     return 0
 
@@ -44,7 +45,7 @@ def _audit(args) -> int:
 def _score(args) -> int:
     import dataclasses
 
-    from medfilip.extract.quality import score_datasets
+    from medfilip.benchmarks.quality import score_datasets
     from medfilip.reporting import write_json
 
     params = load_params(args.params)
@@ -52,7 +53,11 @@ def _score(args) -> int:
                                    ("base_url", args.base_url)) if v is not None}
     llm = dataclasses.replace(params.llm, **overrides)
     if not (args.openi or args.phantom):
-        raise ValueError("nothing to score: pass --openi and/or --phantom DIR")
+        raise UserError("nothing to score: pass --openi and/or --phantom DIR")
+    if llm.provider == "openai":
+        from medfilip.extract.client import resolve_api_key
+
+        resolve_api_key(llm)  # a missing key is one sentence now, not a failure per report later
     results = score_datasets(llm, params.extract, args.openi, args.phantom, baseline=not args.no_baseline)
     print(json.dumps(results, indent=2))
     if args.out:
@@ -62,6 +67,8 @@ def _score(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="medfilip", description=__doc__)
+    parser.add_argument("--debug", action="store_true",
+                        help="show the full traceback of expected errors too (or set MEDFILIP_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("params", help="validate params.yaml and print the typed values")
@@ -107,12 +114,14 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except ConfigError as exc:
-        print(f"medfilip: params error: {exc}", file=sys.stderr)
-        return 2
-    except ValueError as exc:  # AuditError, DatasetError, ...: messages written for people
-        print(f"medfilip: {exc}", file=sys.stderr)
-        return 1
+    except Exception as exc:
+        # Expected failures (medfilip.errors.UserError: a params key, an API key, an image, a
+        # server) end in their sentence; bugs, and everything under --debug, keep the traceback.
+        if args.debug or debug_enabled() or not is_for_people(exc):
+            raise
+        prefix = "params error: " if isinstance(exc, ConfigError) else ""
+        print(f"medfilip {args.command}: {prefix}{message(exc)}", file=sys.stderr)
+        return 2 if isinstance(exc, ConfigError) else 1
 
 
 if __name__ == "__main__":

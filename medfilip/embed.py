@@ -25,6 +25,7 @@ import pyarrow as pa
 import torch
 from tqdm import tqdm
 
+from medfilip.errors import UserError
 from medfilip.packaged import package_file
 from medfilip.config import SSMParams
 
@@ -42,9 +43,12 @@ _PACKAGED_ALIASES = frozenset(
 _CHUNK_TEXTS = 2048
 _SQL_CHUNK = 900  # keys per IN (...) query: below SQLite's oldest host-parameter limit (999)
 CACHE_FORMAT = 1  # PRAGMA user_version of an embedding cache this code writes
+# Every device embeds in fp32 (no autocast, no TF32): vectors agree across machines within 1e-4.
+# Part of the cache identity, so vectors of the old mixed-precision code are never served.
+COMPUTE_DTYPE = "float32"
 
 
-class EmbedError(RuntimeError):
+class EmbedError(UserError, RuntimeError):
     """The similarity model cannot be found, loaded or run: names the model and what to do."""
 
 
@@ -181,7 +185,7 @@ class TextEmbedder:
         )
 
     def identity(self) -> dict[str, Any]:
-        """What the vectors depend on (model, weights, tokenizer, pooling, length): the cache key prefix."""
+        """What the vectors depend on (model, weights, tokenizer, pooling, length, dtype): the cache key prefix."""
         return {
             "model": self.model_name,
             "weights_sha256": self.fingerprint,
@@ -189,13 +193,23 @@ class TextEmbedder:
             "pooling": self.pooling,
             "max_length": self.max_length,
             "dim": self.dim,
+            "dtype": COMPUTE_DTYPE,
         }
 
-    def _autocast(self):
-        if self.device.type != "cuda":
-            return contextlib.nullcontext()
-        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.autocast("cuda", dtype=dtype)
+    @contextlib.contextmanager
+    def _fp32(self):
+        # fp32 on every device, TF32 off: bf16/fp16 or TF32 vectors differ from CPU ones by ~1e-2,
+        # and they would share one cache key and one embeddings.parquet with them.
+        matmul_precision = torch.get_float32_matmul_precision()
+        cudnn_tf32 = torch.backends.cudnn.allow_tf32
+        torch.set_float32_matmul_precision("highest")
+        torch.backends.cudnn.allow_tf32 = False
+        try:
+            with torch.autocast(self.device.type, enabled=False):
+                yield
+        finally:
+            torch.set_float32_matmul_precision(matmul_precision)
+            torch.backends.cudnn.allow_tf32 = cudnn_tf32
 
     def _pool(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         hidden = hidden.float()
@@ -216,7 +230,7 @@ class TextEmbedder:
         # Longest first, so padding is cut to a few tokens per batch and a too-big batch fails early.
         order = np.argsort(-lengths, kind="stable")
         vectors = np.empty((len(unique), self.dim), dtype=np.float32)
-        with torch.inference_mode(), self._autocast():
+        with torch.inference_mode(), self._fp32():
             for start in range(0, len(order), self.batch_size):
                 rows = order[start : start + self.batch_size]
                 batch = self.tokenizer.pad(
@@ -403,6 +417,7 @@ def embed_texts(
         "max_length": embedder.max_length,
         "dim": embedder.dim,
         "device": str(embedder.device),
+        "dtype": COMPUTE_DTYPE,
         "n_texts": len(values),
         "n_unique_texts": len(unique),
         "n_cached": len(unique) - n_embedded,

@@ -21,15 +21,18 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Mapping
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from medfilip.config import ExplainParams, ExtractParams
+from medfilip.errors import UserError
 from medfilip.extract.text import report_text
 from medfilip.normal import NormalStatements, load_normal_statements
-from medfilip.normalize import DUPLICATE
+from medfilip.normalize import DUPLICATE, bool_column, column_codes, first_seen, merge_codes, most_common
 
 
-class ExplainError(ValueError):
+class ExplainError(UserError, ValueError):
     """A template or dictionary that cannot render a label: names the field or category."""
 
 
@@ -141,6 +144,89 @@ def _normal_evidence(found: _StudyFindings, text: str, statements: NormalStateme
     return UNCERTAIN_NEGATION if found.negated_uncertain else NO_NORMAL_STATEMENT
 
 
+def _finding_labels(triplets: pa.Table, ok_mask: np.ndarray, params: ExplainParams,
+                    explanations: Mapping[str, str]) -> tuple[dict, pa.Table, dict[str, tuple[str, str | None]]]:
+    """Per-study evidence for the normal label, the findings' labels and their texts, from arrays.
+
+    Each distinct (category, severity, location, negated) is rendered once and each distinct
+    (study, text) becomes one label: no Python runs per finding row.
+    Returns ``found`` (per-study arrays of :class:`_StudyFindings`' fields, the last entry a study
+    without findings, and their ``study_id``), the labels (first mention's columns,
+    ``uncertain`` only when every mention was hedged) and text_id -> (text, category).
+    """
+    normal_category = params.normal_label
+    n = triplets.num_rows
+    rows = np.flatnonzero(ok_mask)
+    study_codes, study_values = column_codes(triplets.column("study_id"))
+    study_codes = study_codes[rows]
+    negated = bool_column(triplets, "negated")[rows]
+    uncertain = bool_column(triplets, "uncertain")[rows]
+    kept = bool_column(triplets, "kept")[rows]
+    reason = triplets.column("drop_reason") if "drop_reason" in triplets.column_names else pa.nulls(n, pa.string())
+    not_duplicate = pc.fill_null(pc.not_equal(reason, DUPLICATE), True).to_numpy(zero_copy_only=False)[rows]
+    cat_codes, cat_values = column_codes(triplets.column("category_norm"))
+    cat_codes = cat_codes[rows]
+    is_normal = np.zeros(len(rows), dtype=bool)
+    if normal_category is not None and normal_category in cat_values:
+        is_normal = kept & (cat_codes == cat_values.index(normal_category))
+    finding = kept & ~is_normal
+
+    n_studies = len(study_values)
+
+    def per_study(mask: np.ndarray) -> np.ndarray:  # one count per study, and a trailing zero for "none"
+        return np.append(np.bincount(study_codes[mask], minlength=n_studies), 0)
+
+    found = {
+        "study_id": pa.array(study_values, pa.string()),
+        "positive": per_study(finding & ~negated) > 0,
+        "negated": per_study(finding & negated & ~uncertain),
+        "negated_uncertain": per_study(finding & negated & uncertain),
+        "dropped": per_study(~kept & not_duplicate),
+        "stated_normal": per_study(is_normal & ~(negated | uncertain)) > 0,
+    }
+
+    labelled = finding & (~negated | params.include_negated)
+    sel = np.flatnonzero(labelled)
+    sev_codes, sev_values = column_codes(triplets.column("severity_norm"))
+    loc_codes, loc_values = column_codes(triplets.column("location_norm"))
+    sev_codes, loc_codes = sev_codes[rows][sel], loc_codes[rows][sel]
+    combo = merge_codes([cat_codes[sel], sev_codes, loc_codes, negated[sel].astype(np.int64)])
+    inverse, first = first_seen(combo)
+    texts: dict[str, tuple[str, str | None]] = {}
+    combo_text = np.empty(len(first), dtype=np.int64)
+    text_ids: list[str] = []
+    text_index: dict[str, int] = {}
+    for c in range(len(first)):  # first-mention order: the same error as row by row
+        f = first[c]
+
+        def value(values, codes):
+            return values[codes[f]] if codes[f] >= 0 else None
+
+        category = cat_values[cat_codes[sel[f]]]
+        text = render_label(category, value(sev_values, sev_codes), value(loc_values, loc_codes),
+                            bool(negated[sel[f]]), params, explanations)
+        tid = text_id(text)
+        texts.setdefault(tid, (text, category))
+        combo_text[c] = text_index.setdefault(tid, len(text_ids))
+        if combo_text[c] == len(text_ids):
+            text_ids.append(tid)
+    label_text = combo_text[inverse]
+    key = merge_codes([study_codes[sel], label_text])
+    label_of, first_label = first_seen(key)
+    certain = np.bincount(label_of[~uncertain[sel]], minlength=len(first_label)) > 0
+    picked = rows[sel[first_label]]
+    labels = pa.table({
+        "study_id": triplets.column("study_id").take(picked).cast(pa.string()),
+        "text_id": pa.array([text_ids[t] for t in label_text[first_label]], pa.string()),
+        "category_norm": triplets.column("category_norm").take(picked).cast(pa.string()),
+        "negated": pa.array(negated[sel[first_label]], pa.bool_()),
+        "severity_norm": triplets.column("severity_norm").take(picked).cast(pa.string()),
+        "location_norm": triplets.column("location_norm").take(picked).cast(pa.string()),
+        "uncertain": pa.array(~certain, pa.bool_()),
+    })
+    return found, labels, texts
+
+
 def build_labels(triplets: pa.Table, studies: pa.Table, extractions: pa.Table,
                  explanations: Mapping[str, str], params: ExplainParams,
                  extract: ExtractParams | None = None,
@@ -155,79 +241,59 @@ def build_labels(triplets: pa.Table, studies: pa.Table, extractions: pa.Table,
     """
     check_template(params.template)
     extract = extract if extract is not None else ExtractParams()
-    ok = {r["study_id"] for r in extractions.select(["study_id", "status"]).to_pylist() if r["status"] == "ok"}
-    texts: dict[str, tuple[str, str | None]] = {}
-    labels: list[dict] = []
-    index: dict[tuple[str, str], int] = {}  # (study, text_id) -> row in labels
-
-    def add(study_id: str, text: str, category: str | None, negated: bool, uncertain: bool = False,
-            severity=None, location=None) -> None:
-        tid = text_id(text)
-        texts.setdefault(tid, (text, category))
-        i = index.get((study_id, tid))
-        if i is None:
-            index[(study_id, tid)] = len(labels)
-            labels.append({"study_id": study_id, "text_id": tid, "category_norm": category, "negated": negated,
-                           "uncertain": uncertain, "severity_norm": severity, "location_norm": location})
-        else:  # "possible X" and "X" in one study: the certain mention decides
-            labels[i]["uncertain"] = labels[i]["uncertain"] and uncertain
-
-    study_rows = studies.to_pylist()
+    status = extractions.select(["study_id", "status"]).filter(pc.equal(extractions.column("status"), "ok"))
+    ok_ids = pc.unique(status.column("study_id"))
+    ok = set(ok_ids.to_pylist())
+    n_failed = int((~pc.is_in(studies.column("study_id"), value_set=ok_ids).to_numpy(zero_copy_only=False)).sum())
     reasons: Counter[str] = Counter()
     evidence: Counter[str] = Counter()
+    texts: dict[str, tuple[str, str | None]] = {}
+    extra: list[dict] = []  # labels added study by study (report mode, the normal label)
     if params.mode == "report":
-        for s in study_rows:
+        label_table = LABEL_SCHEMA.empty_table()
+        for s in studies.to_pylist():
             text = study_text(s)
             if s["study_id"] not in ok:
                 reasons[FAILED_EXTRACTION] += 1
             elif not text:
                 reasons[EMPTY_REPORT] += 1
             else:
-                add(s["study_id"], text, None, False)
+                extra.append({"study_id": s["study_id"], "text": text, "category_norm": None})
     else:
         normal_category = params.normal_label
-        found: dict[str, _StudyFindings] = {}
-        for t in triplets.to_pylist():
-            if t["study_id"] not in ok:
-                continue
-            f = found.setdefault(t["study_id"], _StudyFindings())
-            negated, uncertain = bool(t["negated"]), bool(t.get("uncertain"))
-            if not t["kept"]:
-                f.dropped += t["drop_reason"] != DUPLICATE
-                continue
-            if normal_category is not None and t["category_norm"] == normal_category:
-                # The extractor reported the normal statement itself: evidence, not a finding label.
-                f.stated_normal = f.stated_normal or not (negated or uncertain)
-                continue
-            if negated:
-                f.negated_uncertain += uncertain
-                f.negated += not uncertain
-            else:
-                f.positive = True
-            if negated and not params.include_negated:
-                continue
-            text = render_label(t["category_norm"], t["severity_norm"], t["location_norm"], negated,
-                                params, explanations)
-            add(t["study_id"], text, t["category_norm"], negated, uncertain, t["severity_norm"], t["location_norm"])
+        ok_mask = pc.is_in(triplets.column("study_id"), value_set=ok_ids).to_numpy(zero_copy_only=False)
+        found, label_table, texts = _finding_labels(triplets, ok_mask, params, explanations)
+
+        def study_codes(ids) -> np.ndarray:  # row of each study in found's arrays; -1 (the last) for none
+            return pc.index_in(ids, value_set=found["study_id"]).fill_null(-1).to_numpy(zero_copy_only=False)
 
         # Findings the extract stage dropped for want of a category never reached normalize.
+        dropped_elsewhere: Counter[str] = Counter()  # ok studies without a finding row
         if "n_dropped" in extractions.column_names:
-            for sid, n in zip(extractions.column("study_id").to_pylist(), extractions.column("n_dropped").to_pylist()):
-                if n and sid in ok:
-                    found.setdefault(sid, _StudyFindings()).dropped += n
+            n_dropped = extractions.column("n_dropped").fill_null(0).to_numpy(zero_copy_only=False)
+            is_ok = pc.is_in(extractions.column("study_id"), value_set=ok_ids).to_numpy(zero_copy_only=False)
+            rows = np.flatnonzero((n_dropped > 0) & is_ok)
+            codes = study_codes(extractions.column("study_id").take(rows))
+            np.add.at(found["dropped"], codes[codes >= 0], n_dropped[rows][codes >= 0])
+            for i in rows[codes < 0]:
+                dropped_elsewhere[extractions.column("study_id")[int(i)].as_py()] += int(n_dropped[i])
 
         normal_text = None
         if normal_category is not None:
             normal_text = render_label(normal_category, None, None, False, params, explanations)
         statements = normal_statements if normal_statements is not None else load_normal_statements()
-        labelled = {lab["study_id"] for lab in labels}
-        for s in study_rows:
-            sid = s["study_id"]
-            f = found.get(sid, _StudyFindings())
+        labelled = set(pc.unique(label_table.column("study_id")).to_pylist())
+        # Only studies without a positive finding read their report (a study row's text is large).
+        codes = study_codes(studies.column("study_id"))
+        study_ok = pc.is_in(studies.column("study_id"), value_set=ok_ids).to_numpy(zero_copy_only=False)
+        unlabelled = np.flatnonzero(~(study_ok & found["positive"][codes]))
+        for i, s in zip(unlabelled, studies.take(pa.array(unlabelled, pa.int64())).to_pylist()):
+            sid, c = s["study_id"], codes[i]
+            f = _StudyFindings(bool(found["positive"][c]), int(found["negated"][c]),
+                               int(found["negated_uncertain"][c]),
+                               int(found["dropped"][c]) + dropped_elsewhere[sid], bool(found["stated_normal"][c]))
             if sid not in ok:
                 outcome = FAILED_EXTRACTION
-            elif f.positive:
-                continue  # labelled by its findings
             else:
                 text, _ = report_text(s, extract)
                 outcome = _normal_evidence(f, text, statements) if text else EMPTY_REPORT
@@ -238,31 +304,56 @@ def build_labels(triplets: pa.Table, studies: pa.Table, extractions: pa.Table,
                 if sid not in labelled:
                     reasons[NORMAL_LABEL_DISABLED] += 1
             else:
-                add(sid, normal_text, normal_category, False)
+                extra.append({"study_id": sid, "text": normal_text, "category_norm": normal_category})
                 evidence[outcome] += 1
 
-    labels.sort(key=lambda r: (r["study_id"], r["text_id"]))
-    label_table = pa.Table.from_pylist(labels, schema=LABEL_SCHEMA)
+    if extra:
+        seen = set()
+        if params.mode != "report" and text_id(extra[0]["text"]) in texts:  # a finding rendered the same text
+            tid = text_id(extra[0]["text"])
+            clash = pc.equal(label_table.column("text_id"), tid).to_numpy(zero_copy_only=False)
+            normal = pc.is_in(label_table.column("study_id"), value_set=pa.array([e["study_id"] for e in extra]))
+            clash &= normal.to_numpy(zero_copy_only=False)
+            seen = {(sid, tid) for sid in np.asarray(label_table.column("study_id").to_pylist(), dtype=object)[clash]}
+            # the certain (normal) mention decides, as in a row-by-row add
+            uncertain = label_table.column("uncertain").to_numpy(zero_copy_only=False) & ~clash
+            label_table = label_table.set_column(6, LABEL_SCHEMA.field(6), pa.array(uncertain, pa.bool_()))
+        rows = []
+        for e in extra:
+            tid = text_id(e["text"])
+            texts.setdefault(tid, (e["text"], e["category_norm"]))
+            if (e["study_id"], tid) in seen:
+                continue
+            seen.add((e["study_id"], tid))
+            rows.append({"study_id": e["study_id"], "text_id": tid, "category_norm": e["category_norm"],
+                         "negated": False, "uncertain": False, "severity_norm": None, "location_norm": None})
+        label_table = pa.concat_tables([label_table.cast(LABEL_SCHEMA),
+                                        pa.Table.from_pylist(rows, schema=LABEL_SCHEMA)])
+    label_table = label_table.cast(LABEL_SCHEMA).sort_by([("study_id", "ascending"), ("text_id", "ascending")])
+    label_table = label_table.combine_chunks()
     text_table = pa.Table.from_pylist(
         [{"text_id": k, "text": v[0], "category_norm": v[1]} for k, v in sorted(texts.items())], schema=TEXT_SCHEMA
     )
-    per_study = Counter(lab["study_id"] for lab in labels)
+    n_labels = label_table.num_rows
+    n_labelled = len(pc.unique(label_table.column("study_id")))
+    cat_codes, cat_values = column_codes(label_table.column("category_norm"))
+    cat_codes = np.where(cat_codes < 0, len(cat_values), cat_codes)
     summary = {
         "mode": params.mode,
         "include_negated": params.include_negated,
-        "n_labels": len(labels),
-        "n_labels_uncertain": sum(lab["uncertain"] for lab in labels),
+        "n_labels": n_labels,
+        "n_labels_uncertain": int(pc.sum(label_table.column("uncertain").cast(pa.int64())).as_py() or 0),
         "n_unique_texts": len(texts),
-        "n_studies": len(study_rows),
-        "n_studies_labelled": len(per_study),
-        "n_studies_failed_extraction": sum(s["study_id"] not in ok for s in study_rows),
+        "n_studies": studies.num_rows,
+        "n_studies_labelled": n_labelled,
+        "n_studies_failed_extraction": n_failed,
         "n_studies_normal_label": sum(evidence.values()),
         "normal_label_evidence": {"normal_statement": evidence["normal_statement"],
                                   "all_negated": evidence["all_negated"]},
-        "n_studies_unlabelled": len(study_rows) - len(per_study),
+        "n_studies_unlabelled": studies.num_rows - n_labelled,
         "unlabelled_by_reason": {reason: reasons[reason] for reason in UNLABELLED_REASONS},
-        "labels_per_study_mean": round(len(labels) / len(per_study), 3) if per_study else 0.0,
-        "labels_by_category": dict(Counter(lab["category_norm"] for lab in labels).most_common()),
+        "labels_per_study_mean": round(n_labels / n_labelled, 3) if n_labelled else 0.0,
+        "labels_by_category": dict(most_common(cat_codes, cat_values + [None])),
         "example_texts": [v[0] for _, v in sorted(texts.items())[:3]],
     }
     return label_table, text_table, summary

@@ -28,6 +28,7 @@ from typing import Any, Iterable, Mapping
 
 import yaml
 
+from medfilip.errors import UserError
 from medfilip.packaged import package_file
 from medfilip.config import KnowledgeParams
 from medfilip.vocab import Vocabulary
@@ -43,7 +44,7 @@ _SPELLING_SYNONYMS = frozenset({"uk_spelling", "plural_form", "obsolete_synonym"
 _MAX_PARENTS = 2
 
 
-class KnowledgeError(ValueError):
+class KnowledgeError(UserError, ValueError):
     """A knowledge dictionary, HPO map or ontology file that cannot be used: names file and category."""
 
 

@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from medfilip.errors import UserError
+
 log = logging.getLogger("medfilip.model")
 
 CONFIG_FILE = "config.json"
@@ -50,7 +52,7 @@ BUILTIN_PRETRAINED_IDS = {"resnet50": "microsoft/resnet-50", "resnet18": "micros
 IMAGE_MEAN, IMAGE_STD = 0.449, 0.226
 
 
-class ModelError(ValueError):
+class ModelError(UserError, ValueError):
     """An encoder that cannot be built or loaded: names the params key and what to do."""
 
 

@@ -12,6 +12,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from medfilip.errors import UserError
 from medfilip.vocab import normalize_text, scan_first
 
 DEFAULT_NORMAL_STATEMENTS = Path(__file__).resolve().parents[1] / "data" / "knowledge" / "normal_statements.txt"
@@ -19,7 +20,7 @@ DEFAULT_NORMAL_STATEMENTS = Path(__file__).resolve().parents[1] / "data" / "know
 _SENTENCE_END = re.compile(r"[.!?\n]+")
 
 
-class NormalStatementsError(ValueError):
+class NormalStatementsError(UserError, ValueError):
     """A normal-statement phrase file that cannot be used: names the file and line."""
 
 

@@ -2,28 +2,31 @@
 
 The ``pixels`` stage turns ``data/interim/images.parquet`` into
 
-* ``pixels.npy`` – an ``(N, S, S)`` uint8 ``.npy`` file (self-describing, opened with
-  ``np.load(..., mmap_mode="r")``), row ``i`` holding the image of row ``i`` of the
-  input table, and
+* shards ``pixels-00000.npy``, ``pixels-00001.npy``, … – ``(B, S, S)`` uint8 ``.npy`` files
+  of ``B = pixels.shard_images`` rows each (the last one shorter), a few GB apiece, and beside
+  each its index part ``pixels-0000k.parquet`` (written after the pixels: a shard is finished
+  when both exist), and
 * ``index.parquet`` – ``image_id, study_id, path, row, ok, error, orig_height,
-  orig_width``, one row per input row in the same order.
+  orig_width, shard, shard_row``, one row per input row in the same order.
 
-The trainer opens both through :class:`PixelStore` and never decodes an image in its
-training loop. An image that cannot be read either stops the stage (``on_error:
-fail``, nothing partial left behind) or is recorded with ``ok=False`` and its error
+Every reader goes through :class:`PixelStore`, whose ``array`` reads the shards as one
+``(N, S, S)`` array, so the layout can change underneath. The build resumes: an interrupted
+run loses only the shard it was writing. An image that cannot be read either stops the stage
+(``on_error: fail``; finished shards are kept) or is recorded with ``ok=False`` and its error
 and stored as zeros (``on_error: skip``); no row is ever dropped silently.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import multiprocessing
 import os
 import tempfile
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any, BinaryIO, Iterable, Iterator, Optional
+from typing import Any, BinaryIO, Callable, Iterable, Iterator, Optional
 
 import numpy as np
 import pyarrow as pa
@@ -33,8 +36,10 @@ from PIL import Image, ImageOps
 from tqdm import tqdm
 
 from medfilip.config import PixelsParams
+from medfilip.errors import UserError
 
-PIXELS_FILE = "pixels.npy"
+PIXELS_FILE = "pixels.npy"  # the single-file store of earlier versions (still readable)
+SHARD_PREFIX = "pixels-"  # pixels-00000.npy + pixels-00000.parquet (that shard's index part)
 INDEX_FILE = "index.parquet"
 # Fixed (not per-process) names so a killed run's leftovers are overwritten, not piled up.
 PARTIAL_SUFFIX = ".partial"
@@ -51,7 +56,7 @@ _DICOM_SUFFIXES = {".dcm", ".dicom", ".dic"}
 _MAX_FAILURES_IN_SUMMARY = 100
 
 
-class PixelError(RuntimeError):
+class PixelError(UserError, RuntimeError):
     """An image that cannot be turned into pixels; the message names the file and what to do."""
 
 
@@ -275,6 +280,17 @@ def _decode_task(
 # --------------------------------------------------------------------------- building
 
 
+def shard_name(k: int) -> str:
+    """File name of shard ``k``'s pixels; its index part is the same name with ``.parquet``."""
+    return f"{SHARD_PREFIX}{k:05d}.npy"
+
+
+def build_key(image_size: int) -> str:
+    """What a finished shard must have been built with to be reused: the size and this decoder's code."""
+    code = Path(__file__).read_bytes()
+    return hashlib.sha256(code + f"|{image_size}".encode()).hexdigest()[:16]
+
+
 def build_pixel_store(
     images: pa.Table,
     out_dir: Path,
@@ -283,11 +299,14 @@ def build_pixel_store(
     *,
     progress: bool = True,
 ) -> dict:
-    """Decode every row of ``images`` (image_id, study_id, path) into ``out_dir``; return a summary.
+    """Decode every row of ``images`` (image_id, study_id, path) into shards under ``out_dir``.
 
     Relative paths are resolved against ``base_dir``. Rows keep the table's order
-    (``index.row`` == position). Output files are written under temporary names and
-    renamed at the end, so a failed run leaves no partial store behind.
+    (``index.row`` == position). Shard ``k`` holds rows ``[k*B, (k+1)*B)`` with
+    ``B = pixels.shard_images``; each shard and its index part are written under temporary
+    names and renamed when complete, so an interruption loses only the shard being written.
+    A re-run keeps every finished shard whose rows, image size and decoder code still match
+    (see :func:`build_key`) and decodes only the rest. ``index.parquet`` is written last.
     """
     start = time.perf_counter()
     out_dir = Path(out_dir)
@@ -297,60 +316,48 @@ def build_pixel_store(
         raise ValueError(f"pixels.workers must be >= 1, got {params.workers}")
     resolved = [None if p is None else str(Path(base_dir) / p) for p in paths]
     n = len(image_ids)
+    per_shard = params.shard_images
+    n_shards = -(-n // per_shard)
+    key = build_key(size)
 
+    for i, p in enumerate(resolved):
+        if p is None and params.on_error == "fail":
+            raise PixelError(_fail_message(image_ids[i], None, f"image {image_ids[i]!r} has no path in the images table"))
     out_dir.mkdir(parents=True, exist_ok=True)
-    partial_pixels = out_dir / (PIXELS_FILE + PARTIAL_SUFFIX)
+    parts: list[pa.Table] = []
+    reused = 0
+    with _decoder(params.workers, n) as decode:
+        for k in range(n_shards):
+            lo, hi = k * per_shard, min(n, (k + 1) * per_shard)
+            part = _finished_shard(out_dir, k, key, image_ids[lo:hi], paths[lo:hi], size)
+            if part is not None:
+                reused += 1
+            else:
+                part = _write_shard(out_dir, k, key, lo, image_ids[lo:hi], study_ids[lo:hi], paths[lo:hi],
+                                    resolved[lo:hi], size, params.on_error, decode, progress)
+            parts.append(part)
+
+    shard_col = pa.array(np.arange(n, dtype=np.int64) // per_shard)
+    if parts:
+        index = pa.concat_tables(parts).drop_columns(["build_key"])
+    else:
+        index = _index_part([], [], [], np.zeros(0, bool), [], np.zeros(0, np.int32), np.zeros(0, np.int32), 0, "")
+        index = index.drop_columns(["build_key"])
+    index = index.append_column("shard", shard_col).append_column(
+        "shard_row", pa.array(np.arange(n, dtype=np.int64) % per_shard))
+    index = index.replace_schema_metadata({b"image_size": str(size).encode(), b"shard_images": str(per_shard).encode()})
     partial_index = out_dir / (INDEX_FILE + PARTIAL_SUFFIX)
-    ok = np.zeros(n, dtype=bool)
-    errors: list[Optional[str]] = [None] * n
-    orig_h = np.full(n, -1, dtype=np.int32)
-    orig_w = np.full(n, -1, dtype=np.int32)
-    pixels = None
-    try:
-        pixels = open_memmap(partial_pixels, mode="w+", dtype=np.uint8, shape=(n, size, size))
-        tasks = [(i, p, size) for i, p in enumerate(resolved) if p is not None]
-        for i, p in enumerate(resolved):
-            if p is None:
-                errors[i] = f"image {image_ids[i]!r} has no path in the images table"
-        if params.on_error == "fail" and any(errors):
-            first = next(i for i, e in enumerate(errors) if e)
-            raise PixelError(_fail_message(image_ids[first], None, errors[first]))
-        with _decoded(tasks, params.workers) as results:
-            bar = tqdm(results, total=len(tasks), desc="pixels", unit="img", disable=not progress)
-            for pos, img, error, h, w in bar:
-                if error is not None:
-                    if params.on_error == "fail":
-                        raise PixelError(_fail_message(image_ids[pos], resolved[pos], error))
-                    errors[pos] = error
-                    pixels[pos] = 0
-                    continue
-                pixels[pos] = img
-                ok[pos] = True
-                orig_h[pos], orig_w[pos] = h, w
-        pixels.flush()
-        pixels = None  # close the map before the rename (required on Windows)
+    pq.write_table(index, partial_index)
+    os.replace(partial_index, out_dir / INDEX_FILE)
+    # Shards past the end belong to a longer, older table: they would only confuse a reader.
+    for stale in out_dir.glob(f"{SHARD_PREFIX}*"):
+        number = stale.name[len(SHARD_PREFIX):].split(".")[0]
+        if not number.isdigit() or int(number) >= n_shards or stale.name.endswith(PARTIAL_SUFFIX):
+            stale.unlink()
+    (out_dir / PIXELS_FILE).unlink(missing_ok=True)  # the single-file store of earlier versions
 
-        index = pa.table(
-            {
-                "image_id": pa.array(image_ids, pa.string()),
-                "study_id": pa.array(study_ids, pa.string()),
-                "path": pa.array(paths, pa.string()),
-                "row": pa.array(np.arange(n, dtype=np.int64)),
-                "ok": pa.array(ok),
-                "error": pa.array(errors, pa.string()),
-                "orig_height": pa.array(orig_h, mask=~ok),
-                "orig_width": pa.array(orig_w, mask=~ok),
-            }
-        )
-        pq.write_table(index, partial_index)
-        os.replace(partial_pixels, out_dir / PIXELS_FILE)
-        os.replace(partial_index, out_dir / INDEX_FILE)
-    except BaseException:
-        pixels = None
-        partial_pixels.unlink(missing_ok=True)
-        partial_index.unlink(missing_ok=True)
-        raise
-
+    ok = index.column("ok").to_numpy(zero_copy_only=False).astype(bool)
+    errors = index.column("error").to_pylist()
     seconds = time.perf_counter() - start
     failures = [
         {"image_id": image_ids[i], "path": paths[i], "error": errors[i]}
@@ -363,9 +370,90 @@ def build_pixel_store(
         "failures": failures,
         "image_size": size,
         "workers": params.workers,
+        "n_shards": n_shards,
+        "n_shards_reused": reused,
+        "shard_images": per_shard,
         "seconds": round(seconds, 3),
         "images_per_s": round(n / seconds, 2) if seconds > 0 else 0.0,
     }
+
+
+def _index_part(image_ids, study_ids, paths, ok, errors, orig_h, orig_w, lo: int, key: str) -> pa.Table:
+    n = len(image_ids)
+    return pa.table(
+        {
+            "image_id": pa.array(image_ids, pa.string()),
+            "study_id": pa.array(study_ids, pa.string()),
+            "path": pa.array(paths, pa.string()),
+            "row": pa.array(np.arange(lo, lo + n, dtype=np.int64)),
+            "ok": pa.array(ok, pa.bool_()),
+            "error": pa.array(errors, pa.string()),
+            "orig_height": pa.array(orig_h, pa.int32(), mask=~ok),
+            "orig_width": pa.array(orig_w, pa.int32(), mask=~ok),
+            "build_key": pa.array([key] * n, pa.string()),
+        }
+    )
+
+
+def _finished_shard(out_dir: Path, k: int, key: str, image_ids: list, paths: list, size: int) -> Optional[pa.Table]:
+    """Shard ``k``'s index part when the shard on disk was built from these rows by this code, else None."""
+    pixels_path = out_dir / shard_name(k)
+    part_path = pixels_path.with_suffix(".parquet")
+    if not (pixels_path.is_file() and part_path.is_file()):
+        return None
+    try:
+        part = pq.read_table(part_path)
+        shape = np.load(pixels_path, mmap_mode="r").shape
+    except Exception:  # a damaged leftover is rebuilt, never trusted
+        return None
+    if (shape != (len(image_ids), size, size) or part.column("image_id").to_pylist() != image_ids
+            or part.column("path").to_pylist() != paths or set(part.column("build_key").to_pylist()) - {key}):
+        return None
+    return part
+
+
+def _write_shard(out_dir: Path, k: int, key: str, lo: int, image_ids: list, study_ids: list, paths: list,
+                 resolved: list, size: int, on_error: str, decode, progress: bool) -> pa.Table:
+    """Decode one shard's rows; write its pixels, then its index part, each renamed into place when whole."""
+    n = len(image_ids)
+    pixels_path = out_dir / shard_name(k)
+    part_path = pixels_path.with_suffix(".parquet")
+    part_path.unlink(missing_ok=True)  # the pixels change first: never a new shard beside an old part
+    partial = out_dir / (shard_name(k) + PARTIAL_SUFFIX)
+    ok = np.zeros(n, dtype=bool)
+    errors: list[Optional[str]] = [None] * n
+    orig_h = np.full(n, -1, dtype=np.int32)
+    orig_w = np.full(n, -1, dtype=np.int32)
+    for i, p in enumerate(resolved):
+        if p is None:
+            errors[i] = f"image {image_ids[i]!r} has no path in the images table"
+    pixels = None
+    try:
+        pixels = open_memmap(partial, mode="w+", dtype=np.uint8, shape=(n, size, size))
+        tasks = [(i, p, size) for i, p in enumerate(resolved) if p is not None]
+        bar = tqdm(decode(tasks), total=len(tasks), desc=f"pixels shard {k}", unit="img", disable=not progress)
+        for pos, img, error, h, w in bar:
+            if error is not None:
+                if on_error == "fail":
+                    raise PixelError(_fail_message(image_ids[pos], resolved[pos], error))
+                errors[pos] = error
+                pixels[pos] = 0
+                continue
+            pixels[pos] = img
+            ok[pos] = True
+            orig_h[pos], orig_w[pos] = h, w
+        pixels.flush()
+        pixels = None  # close the map before the rename (required on Windows)
+        os.replace(partial, pixels_path)
+    except BaseException:
+        pixels = None
+        partial.unlink(missing_ok=True)
+        raise
+    part = _index_part(image_ids, study_ids, paths, ok, errors, orig_h, orig_w, lo, key)
+    partial_part = out_dir / (part_path.name + PARTIAL_SUFFIX)
+    pq.write_table(part, partial_part)
+    os.replace(partial_part, part_path)
+    return part
 
 
 def _validated_columns(
@@ -400,32 +488,76 @@ def _fail_message(image_id: str, path: Optional[str], error: str) -> str:
         f"image {image_id!r}{where}: {error}\n"
         "Fix or remove the file (and its row in data/interim/images.parquet), or set "
         "`pixels.on_error: skip` in params.yaml to record the failure and continue. "
-        "No pixel store was written."
+        "Finished shards are kept: the next run resumes after them."
     )
 
 
 @contextlib.contextmanager
-def _decoded(tasks: list[tuple[int, str, int]], workers: int) -> Iterator[Iterable[tuple]]:
-    """Yield decoded results in task order: in-process for one worker, else a process pool."""
-    workers = min(workers, len(tasks))
+def _decoder(workers: int, n_tasks: int) -> Iterator[Callable[[list], Iterable[tuple]]]:
+    """A function decoding tasks in order: in-process for one worker, else one process pool for every shard."""
+    workers = min(workers, n_tasks)
     if workers <= 1:
-        yield map(_decode_task, tasks)
+        yield lambda tasks: map(_decode_task, tasks)
         return
     # spawn, not fork: the parent may hold threads (pyarrow, tqdm) that fork would copy mid-lock.
     ctx = multiprocessing.get_context("spawn")
-    # Ordered imap: chunks big enough to amortise IPC, small enough to keep all workers busy.
-    chunksize = max(1, min(32, len(tasks) // (workers * 8)))
     with ctx.Pool(workers) as pool:  # __exit__ terminates the workers, also on an early failure
-        yield pool.imap(_decode_task, tasks, chunksize=chunksize)
+        def decode(tasks: list) -> Iterable[tuple]:
+            # Ordered imap: chunks big enough to amortise IPC, small enough to keep all workers busy.
+            chunksize = max(1, min(32, len(tasks) // (workers * 8)))
+            return pool.imap(_decode_task, tasks, chunksize=chunksize)
+
+        yield decode
 
 
 # --------------------------------------------------------------------------- reading
 
 
-class PixelStore:
-    """Read side of the pixel store: a read-only memmap of (N, S, S) uint8 plus its index."""
+class ShardedArray:
+    """The shards read as one ``(N, S, S)`` uint8 array: an int, a slice or an int array of global rows."""
 
-    def __init__(self, out_dir: Path, array: np.ndarray, index: pa.Table) -> None:
+    def __init__(self, shards: list[np.ndarray], shard_images: int, image_size: int) -> None:
+        self.shards = shards
+        self.shard_images = shard_images
+        n = sum(int(s.shape[0]) for s in shards)
+        self.shape = (n, image_size, image_size)
+        self.dtype = np.dtype(np.uint8)
+        self.ndim = 3
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, key) -> np.ndarray:
+        if isinstance(key, (int, np.integer)):
+            row = int(key) + (self.shape[0] if key < 0 else 0)
+            if not 0 <= row < self.shape[0]:
+                raise IndexError(f"row {int(key)} is out of range for a pixel store of {self.shape[0]} images")
+            return self.shards[row // self.shard_images][row % self.shard_images]
+        if isinstance(key, slice):
+            key = np.arange(self.shape[0])[key]
+        rows = np.asarray(key)
+        if rows.dtype == bool:
+            rows = np.flatnonzero(rows)
+        rows = rows.astype(np.int64).reshape(-1)
+        rows = np.where(rows < 0, rows + self.shape[0], rows)
+        if rows.size and (rows.min() < 0 or rows.max() >= self.shape[0]):
+            raise IndexError(f"rows out of range for a pixel store of {self.shape[0]} images")
+        out = np.empty((len(rows),) + self.shape[1:], dtype=np.uint8)
+        shard = rows // self.shard_images
+        for k in np.unique(shard):  # one fancy-indexed read per shard touched
+            mine = np.flatnonzero(shard == k)
+            out[mine] = self.shards[k][rows[mine] % self.shard_images]
+        return out
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        whole = self[:]
+        return whole if dtype is None else whole.astype(dtype)
+
+
+class PixelStore:
+    """Read side of the pixel store: the shards as one read-only (N, S, S) uint8 array plus the index."""
+
+    def __init__(self, out_dir: Path, array, index: pa.Table) -> None:
         self.out_dir = Path(out_dir)
         self.array = array
         self.index = index
@@ -434,24 +566,38 @@ class PixelStore:
 
     @classmethod
     def open(cls, out_dir: Path) -> "PixelStore":
-        """Open a store written by :func:`build_pixel_store` (pixels memory-mapped, not loaded)."""
+        """Open a store written by :func:`build_pixel_store` (shards memory-mapped, not loaded)."""
         out_dir = Path(out_dir)
-        pixels_path, index_path = out_dir / PIXELS_FILE, out_dir / INDEX_FILE
-        for p in (pixels_path, index_path):
-            if not p.is_file():
-                raise FileNotFoundError(f"{p} not found: run the `pixels` stage (dvc repro pixels)")
-        array = np.load(pixels_path, mmap_mode="r")
+        index_path = out_dir / INDEX_FILE
+        if not index_path.is_file():
+            raise FileNotFoundError(f"{index_path} not found: run the `pixels` stage (dvc repro pixels)")
         index = pq.read_table(index_path)
-        if array.ndim != 3 or array.dtype != np.uint8 or array.shape[1] != array.shape[2]:
-            raise ValueError(
-                f"{pixels_path}: expected (N, S, S) uint8, got {array.dtype} {array.shape}"
-            )
-        if array.shape[0] != index.num_rows:
-            raise ValueError(
-                f"{out_dir}: {PIXELS_FILE} has {array.shape[0]} rows but {INDEX_FILE} has "
-                f"{index.num_rows}; the store is inconsistent, rebuild it (dvc repro -f pixels)"
-            )
-        return cls(out_dir, array, index)
+        meta = index.schema.metadata or {}
+        if b"shard_images" not in meta:  # a single pixels.npy from before sharding
+            single = out_dir / PIXELS_FILE
+            if not single.is_file():
+                raise FileNotFoundError(f"{single} not found: run the `pixels` stage (dvc repro pixels)")
+            arrays, per_shard = [np.load(single, mmap_mode="r")], max(1, index.num_rows)
+            size = int(arrays[0].shape[1]) if arrays[0].ndim == 3 else -1
+        else:
+            per_shard, size = int(meta[b"shard_images"]), int(meta[b"image_size"])
+            n_shards = -(-index.num_rows // per_shard)
+            arrays = []
+            for k in range(n_shards):
+                path = out_dir / shard_name(k)
+                if not path.is_file():
+                    raise FileNotFoundError(
+                        f"{path} not found (shard {k} of {n_shards}): the store is incomplete, "
+                        "rebuild it (dvc repro pixels)")
+                arrays.append(np.load(path, mmap_mode="r"))
+        for k, a in enumerate(arrays):
+            expected = min(per_shard, index.num_rows - k * per_shard)
+            if a.ndim != 3 or a.dtype != np.uint8 or a.shape[1:] != (size, size) or a.shape[0] != expected:
+                raise ValueError(
+                    f"{out_dir}: shard {k} is {a.dtype} {a.shape}, expected ({expected}, {size}, {size}) uint8 "
+                    f"for {INDEX_FILE}; the store is inconsistent, rebuild it (dvc repro -f pixels)"
+                )
+        return cls(out_dir, ShardedArray(arrays, per_shard, size), index)
 
     def __reduce__(self):
         # Pickling (DataLoader workers) reopens the memmap instead of copying every pixel.

@@ -20,6 +20,7 @@ from typing import Mapping, Optional, Sequence
 import numpy as np
 
 from medfilip.config import load_params
+from medfilip.errors import UserError
 from medfilip.prompts import PROMPT_KINDS, class_prompts
 
 FORMATS = ("table", "json")
@@ -38,12 +39,16 @@ class ImageResult:
 # --------------------------------------------------------------------------- classes
 
 
+class PredictError(UserError, ValueError):
+    """A command line that cannot be scored: names the option and what to type instead."""
+
+
 def parse_user_class(spec: str) -> tuple[str, str]:
     """``"name=explanation"`` -> (name, explanation); anything else is a sentence saying the form."""
     name, sep, text = spec.partition("=")
     name, text = " ".join(name.split()), " ".join(text.split())
     if not sep or not name or not text:
-        raise ValueError(
+        raise PredictError(
             f"--class {spec!r}: expected \"name=explanation\", e.g. "
             "--class \"pneumothorax=a visceral pleural line with no lung markings beyond it.\""
         )
@@ -65,7 +70,7 @@ def select_classes(explanations: Mapping[str, object], names: Optional[Sequence[
             name = unknown[0]
             close = difflib.get_close_matches(name, list(texts), n=5, cutoff=0.6)
             hint = f"close names: {', '.join(close)}" if close else "see data/knowledge/dictionary.yaml"
-            raise ValueError(
+            raise PredictError(
                 f"--classes: '{name}' is not a category of the knowledge dictionary ({hint}); "
                 "add your own with --class \"name=explanation\""
             )
@@ -182,7 +187,7 @@ def run(args: argparse.Namespace) -> int:
     from medfilip.vocab import load_vocabulary
 
     if args.top is not None and args.top < 1:
-        raise ValueError(f"--top must be >= 1, got {args.top}")
+        raise PredictError(f"--top must be >= 1, got {args.top}")
     params = load_params(args.params)
     user = [parse_user_class(spec) for spec in args.user_classes]
     explanations, _ = knowledge_base(params.knowledge, load_vocabulary(params.normalize.vocabulary))

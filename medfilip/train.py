@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from medfilip.config import TrainParams
 from medfilip.distributed import World, all_gather_varlen, gather_features, init_world
+from medfilip.errors import UserError
 from medfilip.evaluate.metrics import roc_auc
 from medfilip.loss import itm_loss
 from medfilip.model import MAX_LOGIT_SCALE, MedFILIP, ModelConfig, save
@@ -40,7 +41,7 @@ BEST_DIR = "best"
 _NOT_IN_RUN_KEY = {"workers", "checkpoints", "progress", "epochs"}
 
 
-class TrainError(RuntimeError):
+class TrainError(UserError, RuntimeError):
     """Training cannot start or go on: says why and what to do."""
 
 

@@ -21,6 +21,8 @@ from typing import Any, Iterable, Mapping
 
 import yaml
 
+from medfilip.errors import UserError
+
 DEFAULT_VOCABULARY = Path(__file__).resolve().parents[1] / "data" / "knowledge" / "vocabulary.yaml"
 
 SEVERITIES = ("mild", "moderate", "severe")
@@ -33,7 +35,7 @@ _NON_WORD = re.compile(r"[^a-z0-9]+")
 _SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*(mm|cm|millimeters?|centimeters?)\b")
 
 
-class VocabularyError(ValueError):
+class VocabularyError(UserError, ValueError):
     """A vocabulary file that cannot be used: names the file and the key."""
 
 

@@ -3,18 +3,14 @@
 import sys
 from pathlib import Path
 
-from medfilip.config import ConfigError, load_params
-from medfilip.data.importers import DatasetError
-from medfilip.evaluate.run import EvaluateError, evaluate_extra
-from medfilip.model import ModelError
+from medfilip.config import load_params
+from medfilip.errors import for_people
+from medfilip.evaluate.run import evaluate_extra
 from medfilip.reporting import write_json
 
 if __name__ == "__main__":
     name = sys.argv[1]
-    try:
+    with for_people(f"evaluate-extra {name}"):  # expected failures: one sentence, exit 1
         summary = evaluate_extra(load_params(), name, Path("data/models/medfilip"))
-    except (ConfigError, ModelError, EvaluateError, DatasetError, FileNotFoundError) as exc:
-        print(f"evaluate-extra {name}: {exc}", file=sys.stderr)
-        sys.exit(1)
-    write_json(Path(f"reports/eval/{name}/evaluate.json"), summary)
-    print(f"evaluate-extra {name}: mean AUC {summary['mean_auc']} on {summary['n_images']} images")
+        write_json(Path(f"reports/eval/{name}/evaluate.json"), summary)
+        print(f"evaluate-extra {name}: mean AUC {summary['mean_auc']} on {summary['n_images']} images")

@@ -5,13 +5,15 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from medfilip.config import load_params
+from medfilip.errors import for_people
 from medfilip.pixels import build_pixel_store
 from medfilip.reporting import write_json
 
 if __name__ == "__main__":
-    params = load_params()
-    images = pq.read_table("data/interim/images.parquet")
-    summary = build_pixel_store(images, Path("data/processed/pixels"), params.pixels)
-    write_json(Path("reports/pixels.json"), summary)
-    print(f"pixels: {summary['n_ok']} ok, {summary['n_failed']} failed, "
-          f"{summary['images_per_s']:.0f} images/s")
+    with for_people("pixels"):  # expected failures: one sentence, exit 1 (MEDFILIP_DEBUG=1: traceback)
+        params = load_params()
+        images = pq.read_table("data/interim/images.parquet")
+        summary = build_pixel_store(images, Path("data/processed/pixels"), params.pixels)
+        write_json(Path("reports/pixels.json"), summary)
+        print(f"pixels: {summary['n_ok']} ok, {summary['n_failed']} failed, "
+              f"{summary['images_per_s']:.0f} images/s")

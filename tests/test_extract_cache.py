@@ -107,7 +107,7 @@ def test_to_arrow_feeds_duckdb(cache):
     counts = duckdb.sql(
         "SELECT status, count(*), sum(prompt_tokens) FROM llm_calls GROUP BY status ORDER BY status"
     ).fetchall()
-    assert counts == [("failed", 1, None), ("ok", 1, 321)]
+    assert counts == [("failed", 1, 0), ("ok", 1, 321)]  # a failure records what its attempts cost
     assert duckdb.sql("SELECT max(created_at) <= now() FROM llm_calls").fetchall() == [(True,)]
 
 
@@ -221,3 +221,41 @@ def test_secrets_never_reach_the_file(tmp_path):
     for file in tmp_path.iterdir():  # the database, its WAL and shared-memory files
         assert secret.encode() not in file.read_bytes(), file.name
     assert redact_secrets(f"key={secret}!") == "key=***!"
+
+
+def test_truncations_record_their_limit_and_tokens(cache):
+    key = cache_key(IDENTITY, REPORT)
+    cache.put_failure(key, IDENTITY, REPORT, "truncated answer after 3 attempts", attempts=3, latency_s=1.0,
+                      prompt_tokens=300, completion_tokens=768, max_tokens=256, truncated_at=256)
+    other = cache_key(IDENTITY, "timed out report")
+    cache.put_failure(other, IDENTITY, "timed out report", "timed out", attempts=3, latency_s=9.0)
+    assert cache.get_many([key]) == {}  # still never served as an answer
+    assert cache.truncated_at([key, other, "missing"]) == {key: 256}
+    row = cache.to_arrow().to_pylist()
+    row = next(r for r in row if r["key"] == key)
+    assert (row["prompt_tokens"], row["completion_tokens"], row["max_tokens"]) == (300, 768, 256)
+    cache.put_ok(key, IDENTITY, REPORT, _answer(), max_tokens=1024)  # asked again with a larger limit
+    assert cache.truncated_at([key]) == {} and key in cache.get_many([key])
+
+
+def test_format_1_cache_is_upgraded_in_place_keeping_every_answer(tmp_path):
+    path = tmp_path / "llm.sqlite"
+    key = cache_key(IDENTITY, REPORT)
+    with LLMCache(path) as cache:
+        cache.put_ok(key, IDENTITY, REPORT, _answer())
+    con = sqlite3.connect(path)  # make it the file an older version wrote
+    con.execute("ALTER TABLE llm_calls DROP COLUMN max_tokens")
+    con.execute("ALTER TABLE llm_calls DROP COLUMN truncated_at")
+    con.execute("PRAGMA user_version = 1")
+    con.commit()
+    con.close()
+    with LLMCache(path, read_only=True) as reader:  # an audit reads it without changing it
+        assert reader.to_arrow().column("max_tokens").to_pylist() == [None]
+        assert reader.truncated_at([key]) == {}
+    con = sqlite3.connect(path)
+    assert con.execute("PRAGMA user_version").fetchone()[0] == 1
+    con.close()
+    with LLMCache(path) as cache:
+        assert cache.get_many([key])[key].findings == _answer().findings
+        cache.put_failure("k2", IDENTITY, "x", "truncated", attempts=1, latency_s=0.1, max_tokens=64, truncated_at=64)
+        assert cache.truncated_at(["k2"]) == {"k2": 64}

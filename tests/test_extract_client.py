@@ -16,7 +16,7 @@ from medfilip.extract.cache import LLMCache, cache_key
 from medfilip.extract.client import MissingKeyError, OpenAIExtractor, resolve_api_key
 from medfilip.extract.prompt import load_prompt
 from medfilip.extract.schema import ANSWER_SCHEMA, Finding
-from medfilip.extract.standin import StandinServer, report_text
+from medfilip.testing.standin import StandinServer, report_text
 
 REPO = Path(__file__).resolve().parents[1]
 KEY = "sk-medfilip-test-0123456789abcdefSECRET"
@@ -145,6 +145,26 @@ def test_tokens_are_summed_over_attempts(prompt):
     assert retried.prompt_tokens == 2 * single.prompt_tokens
 
 
+@pytest.mark.parametrize("fault, truncated_at", [("truncated", LLM.max_tokens), ("badschema", None)])
+def test_failed_attempts_report_what_they_cost(prompt, fault, truncated_at):
+    n = LLM.max_retries + 1
+    with StandinServer(answer=answer_for) as server:
+        single = extract(server, prompt)
+    with StandinServer(answer=answer_for, faults=[fault] * n) as server:
+        with pytest.raises(ExtractionFailed) as info:
+            extract(server, prompt)
+    assert info.value.prompt_tokens == n * single.prompt_tokens  # every answered attempt was paid
+    assert info.value.completion_tokens > 0
+    assert info.value.truncated_at == truncated_at  # the limit that cut it, so a larger one re-asks it
+
+
+def test_max_tokens_is_not_in_the_cache_key(prompt):
+    small = OpenAIExtractor(replace(LLM, max_tokens=256), prompt, api_key=KEY)
+    large = OpenAIExtractor(replace(LLM, max_tokens=4096), prompt, api_key=KEY)
+    assert small.identity() == large.identity() and "max_tokens" not in small.identity()
+    assert (small.max_tokens, large.max_tokens) == (256, 4096)
+
+
 @pytest.mark.parametrize(
     "fault, reason",
     [
@@ -269,7 +289,7 @@ def test_key_travels_only_in_the_authorization_header(prompt, tmp_path):
     assert KEY not in repr(answer)
     assert KEY not in json.dumps(identity) and server.base_url not in json.dumps(identity)
     assert set(identity) >= {"provider", "model", "prompt_version", "prompt_fingerprint", "schema_version",
-                             "temperature", "max_tokens", "seed", "response_format"}
+                             "temperature", "seed", "response_format"}
     assert len(server.requests) == 3
     for request in server.requests:
         headers = {k.lower(): v for k, v in request["headers"].items()}

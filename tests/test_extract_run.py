@@ -17,7 +17,7 @@ import pytest
 from medfilip.config import ExtractParams, LLMParams
 from medfilip.extract.client import MissingKeyError
 from medfilip.extract.run import ExtractStageFailed, check_failures, extract_studies, run_extract
-from medfilip.extract.standin import StandinServer
+from medfilip.testing.standin import StandinServer
 
 ROOT = Path(__file__).resolve().parents[1]
 SECRET = "sk-test-DO-NOT-LEAK-8c1f2e"
@@ -209,3 +209,135 @@ def test_resume_after_kill_pays_nothing_twice(tmp_path):
     extractions = pq.read_table(tmp_path / "out" / "extractions.parquet").to_pylist()
     assert sum(r["cache_hit"] for r in extractions) == kept
     assert all(r["status"] == "ok" for r in extractions)
+
+
+# --------------------------------------------------------------------------- at scale (issue 9)
+
+
+class _CountingExtractor:
+    """An in-process extractor that records how many asyncio tasks exist while it answers."""
+
+    provider, model = "counting", "c-1"
+
+    def __init__(self, fail_on: dict[str, Exception] | None = None, delay_s: float = 0.0):
+        self.fail_on = fail_on or {}
+        self.delay_s = delay_s
+        self.max_tasks = 0
+        self.calls = 0
+
+    def identity(self):
+        return {"provider": self.provider, "model": self.model}
+
+    async def extract(self, report):
+        import asyncio
+
+        from medfilip.extract.base import Answer
+        from medfilip.extract.schema import Finding
+
+        self.calls += 1
+        self.max_tasks = max(self.max_tasks, len(asyncio.all_tasks()))
+        await asyncio.sleep(self.delay_s)
+        for marker, exc in self.fail_on.items():
+            if marker in report:
+                raise exc
+        return Answer(findings=[Finding(category="pleural effusion", evidence=report[:20])],
+                      prompt_tokens=3, completion_tokens=2)
+
+    async def aclose(self):
+        pass
+
+
+def test_workers_are_a_bounded_pool_and_outcomes_stream_in_order(tmp_path):
+    n = 3000
+    reports = {f"q{i:05d}": f"Report {i}: small left pleural effusion." for i in range(n)}
+    extractor = _CountingExtractor()
+    out = tmp_path / "out"
+    summary = run_extract(studies_table(reports), LLMParams(max_concurrency=4), extract_params(tmp_path), out,
+                          extractor=extractor)
+    assert summary["n_ok"] == n and extractor.calls == n
+    # One producer and max_concurrency workers, whatever the number of reports (was: a task each).
+    assert extractor.max_tasks <= 4 + 2, extractor.max_tasks
+    rows = pq.read_table(out / "extractions.parquet").column("study_id").to_pylist()
+    assert rows == list(reports)  # input order, though written as answers arrived
+    assert pq.read_table(out / "triplets_raw.parquet").num_rows == n
+    status = pq.read_table(out / "extraction_status.parquet")
+    assert status.column_names == ["study_id", "status", "n_dropped"] and status.num_rows == n
+    assert not list(out.glob(".*.partial"))
+
+
+def test_unexpected_exceptions_become_per_report_failures(tmp_path, monkeypatch):
+    from medfilip.extract.cache import LLMCache
+
+    extractor = _CountingExtractor(fail_on={"Heart size": KeyError("provider bug")})
+    real_put_ok = LLMCache.put_ok
+
+    def busy_put_ok(self, key, identity, report, answer, study_id=None, **kw):
+        if "Moderate cardiomegaly" in report:
+            raise sqlite3.OperationalError("database is locked")
+        return real_put_ok(self, key, identity, report, answer, study_id=study_id, **kw)
+
+    monkeypatch.setattr(LLMCache, "put_ok", busy_put_ok)
+    out = tmp_path / "out"
+    summary = run_extract(studies_table(REPORTS), LLMParams(), extract_params(tmp_path), out, extractor=extractor)
+    rows = {r["study_id"]: r for r in pq.read_table(out / "extractions.parquet").to_pylist()}
+    assert rows["s2"]["status"] == "failed" and "KeyError" in rows["s2"]["error"] and "provider bug" in rows["s2"]["error"]
+    assert rows["s5"]["status"] == "failed" and "database is locked" in rows["s5"]["error"]
+    assert rows["s5"]["prompt_tokens"] == 3  # it was paid for, so it counts
+    assert rows["s1"]["status"] == rows["s3"]["status"] == "ok"
+    assert summary["n_failed"] == 2 and summary["n_ok"] == 3
+    # A failure is recorded, so the next run asks again exactly those two.
+    monkeypatch.setattr(LLMCache, "put_ok", real_put_ok)
+    again_extractor = _CountingExtractor()
+    again = run_extract(studies_table(REPORTS), LLMParams(), extract_params(tmp_path), out, extractor=again_extractor)
+    assert again_extractor.calls == 2 and again["n_failed"] == 0
+
+
+def test_tokens_of_failed_attempts_are_counted(tmp_path, monkeypatch):
+    monkeypatch.setenv("MEDFILIP_TEST_KEY", SECRET)
+    reports = {"s1": REPORTS["s1"]}
+    with StandinServer(answer=echo_answer, faults=["truncated"] * 3) as server:
+        summary = run_extract(studies_table(reports), openai_llm(server, max_concurrency=1), extract_params(tmp_path),
+                              tmp_path / "out")
+    assert summary["n_failed"] == 1 and summary["llm_requests"] == 3
+    assert summary["prompt_tokens"] > 0 and summary["completion_tokens"] > 0
+    row = pq.read_table(tmp_path / "out" / "extractions.parquet").to_pylist()[0]
+    assert row["prompt_tokens"] == summary["prompt_tokens"]
+
+
+def test_raising_max_tokens_re_asks_only_truncated_reports(tmp_path, monkeypatch):
+    monkeypatch.setenv("MEDFILIP_TEST_KEY", SECRET)
+    params = extract_params(tmp_path)
+    out = tmp_path / "out"
+    # s1's three attempts (max_retries=2) are all cut short; s2 and s5 answer in full.
+    with StandinServer(answer=echo_answer, faults=["truncated"] * 3) as server:
+        first = run_extract(studies_table(REPORTS), openai_llm(server, max_concurrency=1, max_tokens=256), params, out)
+    assert first["n_failed"] == 2 and first["llm_calls"] == 3  # s1 and its duplicate s3
+    with StandinServer(answer=echo_answer) as server:
+        # The same limit would cut it again: nothing is asked, the truncation is reported.
+        same = run_extract(studies_table(REPORTS), openai_llm(server, max_tokens=256), params, out)
+        assert server.n_completions == 0
+        assert same["n_failed"] == 2 and "raise llm.max_tokens" in next(iter(same["failures_by_error"]))
+        # A larger limit asks the cut report again, and only it.
+        more = run_extract(studies_table(REPORTS), openai_llm(server, max_tokens=1024), params, out)
+        assert server.n_completions == 1
+    assert more["n_failed"] == 0 and more["llm_calls"] == 1 and more["cache_hits"] == 2
+
+
+def test_answers_cached_before_max_tokens_left_the_key_are_reused(tmp_path, monkeypatch):
+    from medfilip.extract.base import Answer
+    from medfilip.extract.cache import LLMCache, cache_key
+    from medfilip.extract.client import OpenAIExtractor
+    from medfilip.extract.prompt import load_prompt
+
+    monkeypatch.setenv("MEDFILIP_TEST_KEY", SECRET)
+    params = extract_params(tmp_path)
+    with StandinServer(answer=echo_answer) as server:
+        llm = openai_llm(server, max_tokens=512)
+        identity = OpenAIExtractor(llm, load_prompt(llm.prompt), api_key=SECRET).identity()
+        old_identity = {**identity, "max_tokens": 512}  # how keys were made before issue 9
+        with LLMCache(params.cache) as cache:
+            for sid in ("s1", "s2", "s5"):
+                cache.put_ok(cache_key(old_identity, REPORTS[sid]), old_identity, REPORTS[sid], Answer(findings=[]))
+        summary = run_extract(studies_table(REPORTS), llm, params, tmp_path / "out")
+        assert server.n_completions == 0
+    assert summary["cache_hits"] == 4 and summary["llm_calls"] == 0

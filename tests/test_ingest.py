@@ -1,4 +1,7 @@
 import csv
+import dataclasses
+import logging
+import shutil
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -149,3 +152,59 @@ def test_computed_split_groups_patients(tmp_path):
 def test_unknown_source_says_what_to_do(tmp_path):
     with pytest.raises(DatasetError, match="data.source: manifest"):
         ingest(DataParams(source="chexpert", root=str(tmp_path)), tmp_path / "out")
+
+
+# --------------------------------------------------------------------------- ids independent of data.root (issue 9)
+
+
+def _ids(out: Path) -> tuple[list, list]:
+    studies = pq.read_table(out / "studies.parquet").select(["study_id", "patient_id", "split"]).to_pylist()
+    images = pq.read_table(out / "images.parquet").select(["image_id", "study_id"]).to_pylist()
+    return studies, images
+
+
+def test_manifest_ids_and_splits_do_not_depend_on_where_the_data_sits(tmp_path, monkeypatch):
+    rows = [{"file": f"img/p{i:03d}.png", "text": f"Report {i}."} for i in range(60)]
+    (tmp_path / "a" / "data").mkdir(parents=True)
+    make_manifest(tmp_path / "a" / "data", rows)
+    shutil.copytree(tmp_path / "a" / "data", tmp_path / "b" / "moved")
+    monkeypatch.chdir(tmp_path)
+    fields = dict(path="manifest.csv", image_col="file", report_col="text")  # no id columns at all
+
+    relative = DataParams(source="manifest", root="a/data", manifest=ManifestParams(**fields))
+    absolute = DataParams(source="manifest", root=str(tmp_path / "b" / "moved"), manifest=ManifestParams(**fields))
+    ingest(relative, tmp_path / "out_rel")
+    ingest(absolute, tmp_path / "out_abs")
+
+    studies, images = _ids(tmp_path / "out_rel")
+    assert _ids(tmp_path / "out_abs") == (studies, images)
+    assert {s["split"] for s in studies} == {"train", "val", "test"}  # a real split, kept as it was
+
+    # The same manifest written with absolute image paths gets the same ids too.
+    absolute_rows = [{**r, "file": str(tmp_path / "b" / "moved" / r["file"])} for r in rows]
+    make_manifest(tmp_path / "b" / "moved", absolute_rows, name="absolute.csv")
+    ingest(dataclasses.replace(absolute, manifest=ManifestParams(**{**fields, "path": "absolute.csv"})),
+           tmp_path / "out_abs_paths")
+    assert _ids(tmp_path / "out_abs_paths") == (studies, images)
+
+
+def test_manifest_without_patient_col_warns_and_flags_the_report(tmp_path, caplog, capsys):
+    make_manifest(tmp_path, ROWS)
+    with caplog.at_level(logging.WARNING):
+        summary = ingest(manifest_params(tmp_path, patient_col=None), tmp_path / "out")
+    assert summary["patient_col_missing"] is True
+    assert "its own patient" in summary["warnings"][0] and "patient_col" in summary["warnings"][0]
+    assert "its own patient" in caplog.text and "its own patient" in capsys.readouterr().err
+    assert summary["n_patients"] == summary["n_studies"] == 4
+
+    with_patients = ingest(manifest_params(tmp_path), tmp_path / "out2")
+    assert with_patients["patient_col_missing"] is False and "warnings" not in with_patients
+
+
+def test_manifest_empty_patient_cells_are_an_error_naming_the_rows(tmp_path):
+    rows = [dict(r) for r in ROWS]
+    rows[1]["subject"] = ""
+    rows[3]["subject"] = "  "
+    make_manifest(tmp_path, rows)
+    with pytest.raises(DatasetError, match=r"2 row\(s\) have an empty 'subject'.*row 3, 5"):
+        ingest(manifest_params(tmp_path, study_col="study"), tmp_path / "out")

@@ -15,13 +15,13 @@ from PIL import Image
 from medfilip.config import PixelsParams
 from medfilip.pixels import (
     INDEX_FILE,
-    PIXELS_FILE,
     PixelError,
     PixelStore,
     benchmark,
     build_pixel_store,
     load_image,
     resize_square,
+    shard_name,
     to_uint8,
 )
 
@@ -67,7 +67,7 @@ def test_round_trip_keeps_order_and_pixels(tmp_path):
     store = PixelStore.open(tmp_path / "store")
     assert len(store) == 4 and store.image_size == 16
     assert store.array.shape == (4, 16, 16) and store.array.dtype == np.uint8
-    assert isinstance(store.array, np.memmap) and not store.array.flags.writeable
+    assert all(isinstance(s, np.memmap) and not s.flags.writeable for s in store.array.shards)
     assert store.index.column("image_id").to_pylist() == table.column("image_id").to_pylist()
     assert store.index.column("study_id").to_pylist() == table.column("study_id").to_pylist()
     assert store.index.column("row").to_pylist() == [0, 1, 2, 3]
@@ -89,7 +89,7 @@ def test_store_pickles_as_a_reopened_memmap(tmp_path):
     table = _write_pngs(tmp_path, [(12, 12)])
     build_pixel_store(table, tmp_path / "store", _params(12), base_dir=tmp_path, progress=False)
     clone = pickle.loads(pickle.dumps(PixelStore.open(tmp_path / "store")))
-    assert isinstance(clone.array, np.memmap)
+    assert all(isinstance(s, np.memmap) for s in clone.array.shards)  # reopened, not copied
     np.testing.assert_array_equal(clone.get("im0"), _gradient(12, 12, 0))
 
 
@@ -116,7 +116,7 @@ def test_duplicate_image_id_is_an_error(tmp_path):
     table = table.set_column(0, "image_id", pa.array(["same", "same"]))
     with pytest.raises(ValueError, match="duplicate image_id.*'same'"):
         build_pixel_store(table, tmp_path / "store", _params(8), base_dir=tmp_path)
-    assert not (tmp_path / "store" / PIXELS_FILE).exists()
+    assert not list((tmp_path / "store").glob("pixels*.npy"))
 
 
 def test_workers_give_the_same_bytes_as_in_process(tmp_path):
@@ -124,7 +124,7 @@ def test_workers_give_the_same_bytes_as_in_process(tmp_path):
     build_pixel_store(table, tmp_path / "w1", _params(16, workers=1), base_dir=tmp_path)
     build_pixel_store(table, tmp_path / "w2", _params(16, workers=2), base_dir=tmp_path)
     one, two = tmp_path / "w1", tmp_path / "w2"
-    assert (one / PIXELS_FILE).read_bytes() == (two / PIXELS_FILE).read_bytes()
+    assert (one / shard_name(0)).read_bytes() == (two / shard_name(0)).read_bytes()
     assert pq.read_table(one / INDEX_FILE).equals(pq.read_table(two / INDEX_FILE))
 
 
@@ -327,7 +327,7 @@ def test_missing_pydicom_is_an_install_hint_not_a_skipped_image(tmp_path, monkey
     table = pa.table({"image_id": ["x"], "study_id": ["s"], "path": ["x.dcm"]})
     with pytest.raises(ImportError, match=r"medfilip\[dicom\]"):
         build_pixel_store(table, tmp_path / "store", _params(8, "skip"), base_dir=tmp_path)
-    assert not (tmp_path / "store" / PIXELS_FILE).exists()
+    assert not list((tmp_path / "store").glob("pixels*.npy"))
 
 
 def test_real_radiograph_rg1_uncr_decodes_plausibly():
@@ -362,3 +362,96 @@ def test_real_radiograph_rg1_uncr_decodes_plausibly():
 def test_benchmark_reports_throughput():
     result = benchmark(n_images=4, image_size=32, workers=1)
     assert result["n_images"] == 4 and result["images_per_s"] > 0
+
+
+# --------------------------------------------------------------------------- shards and resume
+
+
+def test_sharded_store_equals_one_shard(tmp_path):
+    table = _write_pngs(tmp_path, [(20, 12), (9, 17), (16, 16), (31, 5), (7, 7), (25, 25), (12, 30)])
+    build_pixel_store(table, tmp_path / "one", PixelsParams(image_size=16, shard_images=100), base_dir=tmp_path)
+    summary = build_pixel_store(table, tmp_path / "many", PixelsParams(image_size=16, shard_images=3),
+                                base_dir=tmp_path)
+    assert summary["n_shards"] == 3 and sorted(p.name for p in (tmp_path / "many").glob("*.npy")) == [
+        shard_name(0), shard_name(1), shard_name(2)]
+    one, many = PixelStore.open(tmp_path / "one"), PixelStore.open(tmp_path / "many")
+    assert many.array.shape == one.array.shape == (7, 16, 16) and len(many) == 7 and many.image_size == 16
+    whole = np.asarray(one.array[np.arange(7)])
+    assert np.array_equal(many.array[np.arange(7)], whole)
+    assert np.array_equal(many.array[2:6], whole[2:6]) and np.array_equal(many.array[-1], whole[-1])
+    rows = np.array([6, 0, 3, 3, 5])  # unsorted, repeated, across shards
+    assert np.array_equal(many.array[rows], whole[rows])
+    for r in range(7):
+        assert np.array_equal(many.array[r], whole[r])
+    assert many.get("im4").tolist() == one.get("im4").tolist()
+    assert many.index.column("shard").to_pylist() == [0, 0, 0, 1, 1, 1, 2]
+    assert pickle.loads(pickle.dumps(many)).array[5].tolist() == whole[5].tolist()
+    with pytest.raises(IndexError):
+        many.array[7]
+
+
+def test_interrupted_build_resumes_and_skips_finished_shards(tmp_path, monkeypatch):
+    import medfilip.pixels as pixels
+
+    table = _write_pngs(tmp_path, [(20, 12), (9, 17), (16, 16), (31, 5), (7, 7), (25, 25), (12, 30)])
+    params = PixelsParams(image_size=16, shard_images=2)
+    build_pixel_store(table, tmp_path / "ref", params, base_dir=tmp_path)
+    real = pixels._write_shard
+    written: list[int] = []
+
+    def interrupted(out_dir, k, *args, **kwargs):
+        if len(written) == 2:
+            raise KeyboardInterrupt  # killed while writing the third shard
+        written.append(k)
+        return real(out_dir, k, *args, **kwargs)
+
+    monkeypatch.setattr(pixels, "_write_shard", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        build_pixel_store(table, tmp_path / "store", params, base_dir=tmp_path)
+    left = sorted(p.name for p in (tmp_path / "store").iterdir())
+    assert left == [shard_name(0), shard_name(0)[:-4] + ".parquet", shard_name(1), shard_name(1)[:-4] + ".parquet"]
+    finished = {k: (tmp_path / "store" / shard_name(k)).stat().st_mtime_ns for k in (0, 1)}
+
+    written.clear()
+    monkeypatch.setattr(pixels, "_write_shard", lambda out_dir, k, *a, **kw: written.append(k) or real(out_dir, k, *a, **kw))
+    summary = build_pixel_store(table, tmp_path / "store", params, base_dir=tmp_path)
+    assert written == [2, 3] and summary["n_shards_reused"] == 2 and summary["n_shards"] == 4
+    assert {k: (tmp_path / "store" / shard_name(k)).stat().st_mtime_ns for k in (0, 1)} == finished
+    ref, store = PixelStore.open(tmp_path / "ref"), PixelStore.open(tmp_path / "store")
+    assert np.array_equal(store.array[np.arange(7)], ref.array[np.arange(7)])
+    assert pq.read_table(tmp_path / "store" / INDEX_FILE).equals(pq.read_table(tmp_path / "ref" / INDEX_FILE))
+
+    # A changed image size, or changed rows, rebuild the shards they touch.
+    written.clear()
+    build_pixel_store(table, tmp_path / "store", PixelsParams(image_size=8, shard_images=2), base_dir=tmp_path)
+    assert written == [0, 1, 2, 3]
+    written.clear()
+    build_pixel_store(table.slice(0, 5), tmp_path / "store", PixelsParams(image_size=8, shard_images=2),
+                      base_dir=tmp_path)
+    assert written == [2] and not (tmp_path / "store" / shard_name(3)).exists()
+    assert len(PixelStore.open(tmp_path / "store")) == 5
+
+
+def test_a_failed_image_keeps_the_finished_shards(tmp_path):
+    table = _write_pngs(tmp_path, [(12, 12), (12, 12), (12, 12)])
+    (tmp_path / "imgs" / "im2.png").write_bytes(b"not a png")
+    with pytest.raises(PixelError, match="im2"):
+        build_pixel_store(table, tmp_path / "store", PixelsParams(image_size=8, shard_images=2), base_dir=tmp_path)
+    assert (tmp_path / "store" / shard_name(0)).exists() and not (tmp_path / "store" / shard_name(1)).exists()
+    assert not list((tmp_path / "store").glob("*.partial"))
+
+
+def test_trainer_dataset_reads_a_sharded_store(tmp_path):
+    torch = pytest.importorskip("torch")
+    from medfilip.trainset import PixelDataset
+
+    table = _write_pngs(tmp_path, [(20, 12), (9, 17), (16, 16), (31, 5), (7, 7)])
+    build_pixel_store(table, tmp_path / "store", PixelsParams(image_size=16, shard_images=2), base_dir=tmp_path)
+    store = PixelStore.open(tmp_path / "store")
+    index = type("Index", (), {"pixel_row": np.array([4, 1, 2, 0])})()
+    dataset = PixelDataset(store, index)
+    images, positions = dataset.__getitems__([0, 1, 3])
+    assert isinstance(images, torch.Tensor) and images.shape == (3, 16, 16)
+    for i, p in enumerate([0, 1, 3]):
+        assert np.array_equal(images[i].numpy(), store.array[int(index.pixel_row[p])])
+        assert np.array_equal(dataset[p][0].numpy(), images[i].numpy())

@@ -6,7 +6,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from medfilip.extract.quality import (
+from medfilip.benchmarks.quality import (
     PRED_SCHEMA,
     MeshMapError,
     keyword_baseline,

@@ -15,7 +15,7 @@ from medfilip.config import PhantomParams, SplitParams
 from medfilip.data.openi import N_REPORTS, OpenIError, locate_openi_archive, read_openi_reports
 from medfilip.data.phantom import synthesize
 from medfilip.extract.base import Answer
-from medfilip.extract.quality import (
+from medfilip.benchmarks.quality import (
     extract_table,
     keyword_baseline,
     openi_studies,

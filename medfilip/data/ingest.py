@@ -84,6 +84,7 @@ def canonicalize(ds: ImportedDataset, params: DataParams) -> tuple[pa.Table, pa.
         "n_studies_without_image": len(set(ids) - {im["study_id"] for im in images}),
         # The pixels stage decides (pixels.on_error) whether a missing file fails the run.
         "n_missing_image_files": sum(1 for im in images if not os.path.exists(im["path"])),
+        **ds.notes,
     }
     return study_table, image_table, summary
 

@@ -18,13 +18,14 @@ import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
 
+from medfilip.errors import UserError
 from medfilip.packaged import package_dirs, package_file
 
 ARCHIVE_NAME = "NLMCXR_reports.tgz"
 N_REPORTS = 3955
 
 
-class OpenIError(RuntimeError):
+class OpenIError(UserError, RuntimeError):
     """The Open-i archive is missing or unreadable (the message says how to get it)."""
 
 

@@ -20,6 +20,7 @@ import numpy as np
 import yaml
 
 from medfilip.data.phantom_findings import Finding, StudyPlan
+from medfilip.errors import UserError
 
 DEFAULT_PHRASES = Path(__file__).resolve().parents[2] / "data" / "phantom" / "report_phrases.yaml"
 _REQUIRED = ("severity", "locations", "categories", "lobes", "devices", "frames", "normal", "headers", "numbers")
@@ -30,7 +31,7 @@ _LUNG = ("pleural effusion", "pneumothorax", "consolidation", "pulmonary edema",
          "emphysema", "covid-19")
 
 
-class PhraseError(ValueError):
+class PhraseError(UserError, ValueError):
     """The report phrase file is missing or malformed (names the file and the key)."""
 
 

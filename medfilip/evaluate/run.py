@@ -12,6 +12,7 @@ import pyarrow.parquet as pq
 import torch
 
 from medfilip.config import Params
+from medfilip.errors import UserError
 from medfilip.evaluate import plots
 from medfilip.evaluate.probe import linear_probe
 from medfilip.evaluate.truth import NORMAL, load_truth, truth_classes
@@ -35,7 +36,7 @@ def _probe_features(model: MedFILIP, store, rows: np.ndarray, batch_size: int, d
     return extract_features(model, store.array, rows, batch_size=batch_size, device=device)
 
 
-class EvaluateError(ValueError):
+class EvaluateError(UserError, ValueError):
     """A dataset that cannot be evaluated: names it and says what is missing."""
 
 

@@ -6,6 +6,12 @@ switching the model asks again, while answers of other models stay side by side.
 Every answer is committed the moment :meth:`LLMCache.put_ok` returns, so a killed run
 loses no finished work. Failures are recorded too (for the audit view ``llm_calls``)
 but never served as answers.
+
+The answer-length limit (``llm.max_tokens``) is not in the key: a complete answer is the
+same under any limit that lets it finish. Each row records the limit it was asked under
+(``max_tokens``); a report whose answer was cut short is a failure with ``truncated_at``
+set to that limit, and :meth:`LLMCache.truncated_at` lets the runner re-ask it only once
+the limit is raised above it.
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ import pyarrow as pa
 from medfilip.extract.base import Answer
 from medfilip.extract.schema import Finding, findings_to_json
 
-CACHE_FORMAT = 1  # PRAGMA user_version of a cache file this code writes
+CACHE_FORMAT = 2  # PRAGMA user_version of a cache file this code writes (1: no max_tokens columns)
 _CHUNK = 900  # keys per IN (...) query: below SQLite's oldest host-parameter limit (999)
 
 _COLUMNS: tuple[tuple[str, str, pa.DataType], ...] = (
@@ -47,10 +53,13 @@ _COLUMNS: tuple[tuple[str, str, pa.DataType], ...] = (
     ("completion_tokens", "INTEGER", pa.int64()),
     ("latency_s", "REAL", pa.float64()),
     ("attempts", "INTEGER", pa.int64()),
+    ("max_tokens", "INTEGER", pa.int64()),  # llm.max_tokens the row was asked under (NULL: no limit)
+    ("truncated_at", "INTEGER", pa.int64()),  # failed because the answer was cut at this max_tokens
     ("created_at", "REAL NOT NULL", pa.timestamp("us", tz="UTC")),  # epoch seconds in SQLite
     ("updated_at", "REAL NOT NULL", pa.timestamp("us", tz="UTC")),
 )
 COLUMN_NAMES = tuple(name for name, _, _ in _COLUMNS)
+_ADDED_IN_FORMAT_2 = ("max_tokens", "truncated_at")
 
 
 # --------------------------------------------------------------------------- secrets
@@ -166,13 +175,19 @@ class LLMCache:
 
     def _create_schema(self) -> None:
         version = self._conn.execute("PRAGMA user_version").fetchone()[0]
-        if version not in (0, CACHE_FORMAT):
+        if version not in (0, 1, CACHE_FORMAT):
             raise sqlite3.DatabaseError(
                 f"cache format {version} is newer than this code understands ({CACHE_FORMAT})"
             )
         columns = ",\n  ".join(f"{name} {decl}" for name, decl, _ in _COLUMNS)
-        if version == CACHE_FORMAT:
-            return  # opening an existing cache writes nothing
+        if version == CACHE_FORMAT or (version == 1 and self.read_only):
+            return  # opening an existing cache writes nothing (a format-1 file reads its columns as NULL)
+        if version == 1:  # format 1 -> 2: two nullable columns, every answer kept
+            with self._lock:
+                for name in _ADDED_IN_FORMAT_2:
+                    self._conn.execute(f"ALTER TABLE llm_calls ADD COLUMN {name} INTEGER")
+                self._conn.execute(f"PRAGMA user_version = {CACHE_FORMAT}")
+            return
         if self.read_only:
             raise sqlite3.DatabaseError("not an LLM cache (no llm_calls table)")
         with self._lock:
@@ -210,14 +225,34 @@ class LLMCache:
                     )
         return found
 
+    def truncated_at(self, keys: Iterable[str]) -> dict[str, int]:
+        """For the failed rows among ``keys`` whose answer was cut short: the max_tokens that cut it."""
+        if self._format() < 2:
+            return {}
+        unique = list(dict.fromkeys(keys))
+        found: dict[str, int] = {}
+        sql_head = "SELECT key, truncated_at FROM llm_calls WHERE status = 'failed' AND truncated_at IS NOT NULL AND key IN "
+        with self._lock:
+            for start in range(0, len(unique), _CHUNK):
+                chunk = unique[start : start + _CHUNK]
+                for key, limit in self._conn.execute(sql_head + "(" + ",".join("?" * len(chunk)) + ")", chunk):
+                    found[key] = int(limit)
+        return found
+
+    def _format(self) -> int:
+        with self._lock:
+            return self._conn.execute("PRAGMA user_version").fetchone()[0]
+
     def __len__(self) -> int:
         with self._lock:
             return self._conn.execute("SELECT count(*) FROM llm_calls").fetchone()[0]
 
     def to_arrow(self) -> pa.Table:
         """Every row (ok and failed) as an Arrow table, for the DuckDB audit view ``llm_calls``."""
+        old = self._format() < 2
+        select = ", ".join(f"NULL AS {n}" if old and n in _ADDED_IN_FORMAT_2 else n for n in COLUMN_NAMES)
         with self._lock:
-            rows = self._conn.execute(f"SELECT {', '.join(COLUMN_NAMES)} FROM llm_calls ORDER BY key").fetchall()
+            rows = self._conn.execute(f"SELECT {select} FROM llm_calls ORDER BY key").fetchall()
         columns = list(zip(*rows)) if rows else [[] for _ in COLUMN_NAMES]
         arrays = []
         for (name, _, dtype), values in zip(_COLUMNS, columns):
@@ -237,6 +272,8 @@ class LLMCache:
         report: str,
         answer: Answer,
         study_id: str | None = None,
+        *,
+        max_tokens: int | None = None,
     ) -> None:
         """Store a validated answer; committed (durable) when this returns. Overwrites a failure."""
         now = time.time()
@@ -251,6 +288,8 @@ class LLMCache:
             "completion_tokens": int(answer.completion_tokens),
             "latency_s": float(answer.latency_s),
             "attempts": int(answer.attempts),
+            "max_tokens": max_tokens,
+            "truncated_at": None,
         }
         self._upsert(row, only_over_failed=False)
 
@@ -263,11 +302,17 @@ class LLMCache:
         attempts: int,
         latency_s: float,
         study_id: str | None = None,
+        *,
+        prompt_tokens: int = 0,
+        completion_tokens: int = 0,
+        max_tokens: int | None = None,
+        truncated_at: int | None = None,
     ) -> None:
         """Record a report that got no valid answer; never served by :meth:`get_many`.
 
-        A failure never replaces an answer already stored under the same key (another
-        process may have succeeded meanwhile).
+        The tokens are what the failed attempts cost. ``truncated_at``: the answer was cut
+        short at that max_tokens (see :meth:`truncated_at`). A failure never replaces an
+        answer already stored under the same key (another process may have succeeded meanwhile).
         """
         now = time.time()
         row = {
@@ -277,10 +322,12 @@ class LLMCache:
             "raw_text": None,
             "n_dropped": None,
             "error": redact_secrets(str(error)),
-            "prompt_tokens": None,
-            "completion_tokens": None,
+            "prompt_tokens": int(prompt_tokens),
+            "completion_tokens": int(completion_tokens),
             "latency_s": float(latency_s),
             "attempts": int(attempts),
+            "max_tokens": max_tokens,
+            "truncated_at": truncated_at,
         }
         self._upsert(row, only_over_failed=True)
 

@@ -24,6 +24,7 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, sto
 from tenacity.wait import wait_random_exponential
 
 from medfilip.config import LLMParams
+from medfilip.errors import UserError
 from medfilip.extract.base import Answer, ExtractionFailed
 from medfilip.extract.cache import redact_secrets, register_secret
 from medfilip.extract.prompt import Prompt
@@ -38,7 +39,7 @@ _NO_KEY_PLACEHOLDER = "sk-no-key-required"  # llama.cpp's server ignores the key
 _RETRIED_STATUS = {408, 429}  # plus every 5xx
 
 
-class MissingKeyError(RuntimeError):
+class MissingKeyError(UserError, RuntimeError):
     """The env var that should hold the API key is unset: raised before any call is made."""
 
 
@@ -110,6 +111,7 @@ class OpenAIExtractor:
         self.prompt = prompt
         self.provider = llm.provider
         self.model = llm.model
+        self.max_tokens = llm.max_tokens  # not in identity(): see medfilip.extract.base.Extractor
         self.requested_format = mode
         self.backoff_s = backoff_s
         self.max_backoff_s = max_backoff_s
@@ -134,7 +136,10 @@ class OpenAIExtractor:
         """What determines the answer, for the cache key: never the key or the endpoint URL.
 
         ``response_format`` is the *requested* mode (``auto`` stays ``auto`` after a
-        fallback), so keys are stable for a whole run.
+        fallback), so keys are stable for a whole run. ``max_tokens`` is left out: it only
+        decides where an answer is cut, and a cut answer is cached as a failure that names
+        the limit (:meth:`medfilip.extract.cache.LLMCache.truncated_at`), so raising the
+        limit re-asks just those reports.
         """
         return {
             "provider": self.provider,
@@ -143,7 +148,6 @@ class OpenAIExtractor:
             "prompt_fingerprint": self.prompt.fingerprint,
             "schema_version": SCHEMA_VERSION,
             "temperature": self.llm.temperature,
-            "max_tokens": self.llm.max_tokens,
             "seed": self.llm.seed,
             "response_format": self.requested_format,
         }
@@ -152,7 +156,8 @@ class OpenAIExtractor:
         """Findings of one report, retried as the module docstring says.
 
         ``prompt_tokens``/``completion_tokens`` are summed over every attempt that got an
-        answer (what was paid); ``latency_s`` is wall time including backoff waits.
+        answer (what was paid), on success and on :class:`ExtractionFailed` alike;
+        ``latency_s`` is wall time including backoff waits.
         """
         messages = self.prompt.messages(report)
         started = time.monotonic()
@@ -176,10 +181,15 @@ class OpenAIExtractor:
             message = f"{exc.head} after {attempts} attempt{'s' if attempts != 1 else ''}"
             if exc.detail:
                 message += f": {exc.detail}"
-            raise ExtractionFailed(redact_secrets(message), attempts=attempts, latency_s=elapsed) from None
+            truncated_at = self.max_tokens if exc.head == "truncated answer" else None
+            raise ExtractionFailed(
+                redact_secrets(message), attempts=attempts, latency_s=elapsed,
+                prompt_tokens=usage[0], completion_tokens=usage[1], truncated_at=truncated_at,
+            ) from None
         except ExtractionFailed as exc:
             exc.attempts = attempts
             exc.latency_s = time.monotonic() - started
+            exc.prompt_tokens, exc.completion_tokens = usage
             raise
         answer.prompt_tokens, answer.completion_tokens = usage
         answer.latency_s = time.monotonic() - started

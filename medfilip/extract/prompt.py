@@ -13,10 +13,11 @@ from pathlib import Path
 
 import yaml
 
+from medfilip.errors import UserError
 from medfilip.extract.schema import validate_answer
 
 
-class PromptError(ValueError):
+class PromptError(UserError, ValueError):
     """A prompt folder that is missing a file or has a malformed example."""
 
 

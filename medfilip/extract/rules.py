@@ -22,7 +22,7 @@ The offline baseline every LLM is compared to. How it reads a report:
 5. One finding per category per report: a positive mention beats a negated one, a certain
    one beats a hedged one (FINDINGS and IMPRESSION repeat each other).
 
-Quality on Open-i and the phantom is measured by ``medfilip/extract/quality.py``.
+Quality on Open-i and the phantom is measured by ``medfilip/benchmarks/quality.py``.
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ from typing import Any
 
 import yaml
 
+from medfilip.errors import UserError
 from medfilip.extract.base import Answer
 from medfilip.extract.schema import Finding, findings_to_json
 from medfilip.vocab import Place, Vocabulary, combine_places, grade_size, load_vocabulary, normalize_text
@@ -78,7 +79,7 @@ _SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*(mm|cm)\b")
 _WINDOW = re.compile(r"\|\s*window\s*=\s*(\d+)\s*$")
 
 
-class RulesError(ValueError):
+class RulesError(UserError, ValueError):
     """A rules folder with a missing or malformed file (names the file and line)."""
 
 

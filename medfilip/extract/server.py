@@ -31,6 +31,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Iterator
 
+from medfilip.errors import UserError
 from medfilip.packaged import package_dirs
 from medfilip.config import LlamaCppParams, LLMParams
 from medfilip.extract.base import Answer, Extractor
@@ -48,7 +49,7 @@ _NO_KEY = "sk-no-key-required"
 _BIND_ATTEMPTS = 3  # the free port can be taken between choosing it and the server binding it
 
 
-class ServerError(RuntimeError):
+class ServerError(UserError, RuntimeError):
     """The llama.cpp server could not be started or answered wrongly; names GGUF, port and log tail."""
 
 
@@ -210,6 +211,12 @@ class LlamaCppServer:
         lines = self.log_path.read_text(errors="replace").splitlines()
         return "\n".join(lines[-n:]) or "(server log is empty)"
 
+    def log_messages(self, n: int = 5) -> str:
+        """The log's last ``n`` lines without traceback frames: the server's own words for a person."""
+        lines = [line for line in self.log_tail(200).splitlines()
+                 if line.strip() and not line.startswith((" ", "\t", "Traceback (most recent call last)"))]
+        return "\n".join(lines[-n:]) or "(server log is empty)"
+
     def __enter__(self) -> LlamaCppServer:
         self.start()
         return self
@@ -272,7 +279,7 @@ class LlamaCppServer:
                     return False
                 raise ServerError(
                     f"the llama.cpp server for {self.gguf} (port {self.port}) exited with code {code} "
-                    f"before it answered. Last log lines ({self.log_path}):\n{tail}"
+                    f"before it answered. Its last messages (full log: {self.log_path}):\n{self.log_messages()}"
                 )
             try:
                 with opener.open(url, timeout=2.0) as resp:
@@ -290,7 +297,7 @@ class LlamaCppServer:
                 raise ServerError(
                     f"the llama.cpp server for {self.gguf} (port {self.port}) did not answer within "
                     f"llm.llamacpp.startup_timeout_s={self.params.startup_timeout_s:g} s. "
-                    f"Last log lines ({self.log_path}):\n{self.log_tail()}"
+                    f"Its last messages (full log: {self.log_path}):\n{self.log_messages()}"
                 )
             time.sleep(0.1)
 
@@ -363,6 +370,7 @@ class LlamaCppExtractor:
     def __init__(self, inner: Extractor, gguf: Path):
         self.inner = inner
         self.model = inner.model
+        self.max_tokens = getattr(inner, "max_tokens", None)
         self.gguf = gguf
         self._gguf_identity = gguf_fingerprint(gguf)
         try:

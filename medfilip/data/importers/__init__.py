@@ -8,16 +8,17 @@ done once, for every source, by :func:`medfilip.data.ingest.ingest`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import pyarrow as pa
 
 from medfilip.config import DataParams
+from medfilip.errors import UserError
 
 
-class DatasetError(ValueError):
+class DatasetError(UserError, ValueError):
     """A dataset that cannot be imported: names the file, column or study."""
 
 
@@ -25,6 +26,8 @@ class DatasetError(ValueError):
 class ImportedDataset:
     studies: pa.Table  # study_id, patient_id, report, [split]
     images: pa.Table  # image_id, study_id, path, view
+    # Facts about the import a user must see (e.g. one patient per image), merged into reports/ingest.json.
+    notes: dict = field(default_factory=dict)
 
 
 Importer = Callable[[Path, DataParams], ImportedDataset]

@@ -4,12 +4,20 @@ The escape hatch for private data: ``data.manifest`` names the file and its colu
 (image path, report text, optional patient, study, view and split columns).
 ``data.manifest.path`` is relative to ``data.root``; relative image paths are taken
 relative to the manifest's folder.
+
+Ids made up for a manifest without id columns hash the image path *relative to the
+manifest*, never a path that contains ``data.root``: moving the dataset folder, or
+switching between a relative and an absolute root, keeps every id and so the split.
 """
 
 from __future__ import annotations
 
 import csv
 import hashlib
+import logging
+import os
+import posixpath
+import sys
 from pathlib import Path
 
 import pyarrow as pa
@@ -18,6 +26,9 @@ import pyarrow.parquet as pq
 
 from medfilip.config import DataParams
 from medfilip.data.importers import DatasetError, ImportedDataset
+
+log = logging.getLogger(__name__)
+_ROWS_NAMED = 10  # row numbers quoted in an error about many rows
 
 
 def read_manifest(path: Path) -> pa.Table:
@@ -52,6 +63,28 @@ def _stable_id(prefix: str, text: str) -> str:
     return prefix + hashlib.blake2b(text.encode(), digest_size=6).hexdigest()
 
 
+def image_key(cell: str, manifest_dir: Path) -> str:
+    """The image as the manifest names it, independent of where the dataset sits: what ids hash.
+
+    A relative cell is already relative to the manifest (normalised, ``/``-separated); an
+    absolute one inside the manifest's folder is made relative to it, so a manifest written
+    with absolute paths gets the ids of its relative twin. Other absolute paths stay as given.
+    """
+    text = cell.replace("\\", "/")
+    if not os.path.isabs(text):
+        return posixpath.normpath(text)
+    folder = os.path.abspath(manifest_dir)
+    image = os.path.abspath(text)
+    if os.path.commonpath([folder, image]) == folder:
+        return Path(os.path.relpath(image, folder)).as_posix()
+    return Path(image).as_posix()
+
+
+def _rows_named(numbers: list[int]) -> str:
+    shown = ", ".join(map(str, numbers[:_ROWS_NAMED]))
+    return shown + (f" and {len(numbers) - _ROWS_NAMED} more" if len(numbers) > _ROWS_NAMED else "")
+
+
 def load(root: Path, params: DataParams) -> ImportedDataset:
     """Turn the manifest into studies and images, validating columns and per-study reports."""
     m = params.manifest
@@ -75,18 +108,39 @@ def load(root: Path, params: DataParams) -> ImportedDataset:
                 f"{', '.join(table.column_names)}"
             )
     rows = table.to_pylist()
+    first_row = 2 if path.suffix.lower() != ".parquet" else 0  # CSV: line numbers under the header
+    notes: dict = {"patient_col_missing": not m.patient_col}
+    if m.patient_col:
+        no_patient = [i for i, row in enumerate(rows, start=first_row) if not (row[m.patient_col] or "").strip()]
+        if no_patient:
+            raise DatasetError(
+                f"{path}: {len(no_patient)} row(s) have an empty '{m.patient_col}' "
+                f"(data.manifest.patient_col): row {_rows_named(no_patient)}. Fill in the patient of "
+                "every image; a patient-grouped split cannot place an image without one"
+            )
+    else:
+        warning = (
+            f"{path}: data.manifest.patient_col is not set, so every "
+            f"{'study' if m.study_col else 'image'} is taken as its own patient; a patient's "
+            "studies can then land in different splits (test images leaking into training). "
+            "Set data.manifest.patient_col to the patient id column"
+        )
+        log.warning(warning)
+        print(f"warning: {warning}", file=sys.stderr)
+        notes["warnings"] = [warning]
     studies: dict[str, dict] = {}
     images: list[dict] = []
     seen_images: set[str] = set()
-    for i, row in enumerate(rows, start=2 if path.suffix.lower() != ".parquet" else 0):
+    for i, row in enumerate(rows, start=first_row):
         img = row[m.image_col]
         if not img:
             raise DatasetError(f"{path}: row {i} has an empty '{m.image_col}'")
         img_path = Path(img) if Path(img).is_absolute() else path.parent / img
-        study_id = row[m.study_col] if m.study_col else _stable_id("m", str(img_path))
+        key = image_key(img, path.parent)
+        study_id = row[m.study_col] if m.study_col else _stable_id("m", key)
         if not study_id:
             raise DatasetError(f"{path}: row {i} has an empty '{m.study_col}'")
-        patient_id = (row[m.patient_col] if m.patient_col else None) or study_id
+        patient_id = row[m.patient_col] if m.patient_col else study_id
         report = row[m.report_col] or ""
         split = row[m.split_col] if m.split_col else None
         if split is not None and split not in ("train", "val", "test"):
@@ -110,7 +164,7 @@ def load(root: Path, params: DataParams) -> ImportedDataset:
                     f"('{prev['patient_id']}' and '{patient_id}')"
                 )
             prev["report"] = prev["report"] or report
-        image_id = _stable_id("i", str(img_path))
+        image_id = _stable_id("i", key)
         if image_id in seen_images:
             raise DatasetError(f"{path}: image '{img}' is listed twice")
         seen_images.add(image_id)
@@ -138,4 +192,4 @@ def load(root: Path, params: DataParams) -> ImportedDataset:
             [("image_id", pa.string()), ("study_id", pa.string()), ("path", pa.string()), ("view", pa.string())]
         ),
     )
-    return ImportedDataset(studies=study_table, images=image_table)
+    return ImportedDataset(studies=study_table, images=image_table, notes=notes)

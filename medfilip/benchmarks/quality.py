@@ -29,6 +29,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
 
+from medfilip.errors import UserError
 from medfilip.extract.schema import Finding
 from medfilip.vocab import SIDES, Vocabulary, load_vocabulary, normalize_text
 
@@ -46,7 +47,7 @@ PRED_SCHEMA = pa.schema([
 ])
 
 
-class MeshMapError(ValueError):
+class MeshMapError(UserError, ValueError):
     """A malformed MeSH map (names the file and the heading)."""
 
 

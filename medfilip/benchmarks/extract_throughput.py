@@ -1,0 +1,132 @@
+"""Extraction throughput against a local OpenAI-compatible stand-in with a set latency."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import pyarrow as pa
+
+from medfilip.config import ExtractParams, LLMParams
+from medfilip.extract.run import extract_studies
+from medfilip.testing.standin import StandinServer
+
+_KEY_ENV = "MEDFILIP_BENCH_KEY"
+
+
+def _studies(n: int) -> pa.Table:
+    # Distinct texts, so every report is a real call (no in-run de-duplication).
+    reports = [f"FINDINGS: Report {i}. Small left pleural effusion. No pneumothorax." for i in range(n)]
+    return pa.table({"study_id": [f"b{i:07d}" for i in range(n)], "report": reports})
+
+
+def benchmark(n_reports: int = 200, latency_s: float = 0.05, concurrencies=(1, 8, 64)) -> dict:
+    """reports/s through the full path (client, retries, cache) per concurrency, and a cached re-run."""
+    os.environ.setdefault(_KEY_ENV, "bench-placeholder")
+    studies = _studies(n_reports)
+    results: dict = {"n_reports": n_reports, "latency_s": latency_s, "runs": {}}
+    with tempfile.TemporaryDirectory() as tmp, StandinServer(latency_s=latency_s) as server:
+        for concurrency in concurrencies:
+            llm = LLMParams(provider="openai", model=f"standin-c{concurrency}", base_url=server.base_url,
+                            api_key_env=_KEY_ENV, max_concurrency=concurrency, max_retries=2, timeout_s=30)
+            params = ExtractParams(cache=str(Path(tmp) / f"c{concurrency}.sqlite"), text="report", progress=False)
+            start = time.perf_counter()
+            _, _, summary = extract_studies(studies, llm, params)
+            seconds = time.perf_counter() - start
+            assert summary["llm_calls"] == n_reports, summary
+            cached_start = time.perf_counter()
+            _, _, cached = extract_studies(studies, llm, params)
+            cached_s = time.perf_counter() - cached_start
+            assert cached["cache_hits"] == n_reports and cached["llm_calls"] == 0
+            results["runs"][str(concurrency)] = {
+                "seconds": round(seconds, 3),
+                "reports_per_s": round(n_reports / seconds, 1),
+                "ideal_reports_per_s": round(concurrency / latency_s, 1) if latency_s else None,
+                "cached_rerun_s": round(cached_s, 3),
+                "cached_reports_per_s": round(n_reports / cached_s, 1),
+            }
+    return results
+
+
+def cached_rerun_benchmark(n_reports: int = 100_000) -> dict:
+    """Time a fully cached re-run at scale with the rules provider (lookups, not model calls)."""
+    studies = _studies(n_reports)
+    with tempfile.TemporaryDirectory() as tmp:
+        params = ExtractParams(cache=str(Path(tmp) / "rules.sqlite"), text="report", progress=False)
+        start = time.perf_counter()
+        _, _, first = extract_studies(studies, LLMParams(), params)
+        first_s = time.perf_counter() - start
+        start = time.perf_counter()
+        _, _, again = extract_studies(studies, LLMParams(), params)
+        again_s = time.perf_counter() - start
+        assert again["cache_hits"] == n_reports
+    return {
+        "n_reports": n_reports,
+        "first_run_s": round(first_s, 2),
+        "cached_rerun_s": round(again_s, 2),
+        "cached_reports_per_s": round(n_reports / again_s, 1),
+    }
+
+
+# The measured process: nothing in it but the stage's own work (the stand-in runs in the parent),
+# so its peak RSS is the extraction's. Plain text, so it also runs against an older checkout.
+_SCALE_CHILD = """
+import json, resource, sys, time
+from pathlib import Path
+import pyarrow as pa
+from medfilip.config import ExtractParams, LLMParams
+from medfilip.extract.run import run_extract
+base_url, n, concurrency, tmp, key_env = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5]
+studies = pa.table({"study_id": [f"b{i:07d}" for i in range(n)],
+                    "report": [f"FINDINGS: Report {i}. Small left pleural effusion. No pneumothorax." for i in range(n)]})
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+llm = LLMParams(provider="openai", model="standin-scale", base_url=base_url, api_key_env=key_env,
+                max_concurrency=concurrency, max_retries=2, timeout_s=60)
+params = ExtractParams(cache=str(Path(tmp) / "llm.sqlite"), text="report", progress=False)
+start = time.perf_counter()
+summary = run_extract(studies, llm, params, Path(tmp) / "out")
+seconds = time.perf_counter() - start
+print(json.dumps({"n_ok": summary["n_ok"], "llm_calls": summary["llm_calls"], "seconds": seconds,
+                  "rss_before_extract_mb": before / 1024,
+                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+"""
+
+
+def scale_benchmark(sizes=(10_000, 200_000), concurrency: int = 64, latency_s: float = 0.01,
+                    code_path: str | None = None) -> dict:
+    """Peak RSS and reports/s of the extract stage at each size (a fresh process each, all uncached).
+
+    ``code_path``: run the stage from another checkout (e.g. a clone of an older commit) to compare.
+    Goal (issue 9): peak RSS flat in the number of reports.
+    """
+    import json
+    import subprocess
+    import sys
+
+    env = dict(os.environ)
+    env.setdefault(_KEY_ENV, "bench-placeholder")
+    if code_path:
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (code_path, env.get("PYTHONPATH")) if p)
+    results: dict = {"concurrency": concurrency, "latency_s": latency_s, "code_path": code_path, "sizes": {}}
+    with StandinServer(latency_s=latency_s, max_recorded=100) as server:
+        for n in sizes:
+            with tempfile.TemporaryDirectory() as tmp:
+                proc = subprocess.run(
+                    [sys.executable, "-c", _SCALE_CHILD, server.base_url, str(n), str(concurrency), tmp, _KEY_ENV],
+                    env=env, capture_output=True, text=True, check=False,
+                    cwd=code_path or os.getcwd(),  # `python -c` imports from there first; prompts are relative
+                )
+            if proc.returncode != 0:
+                raise RuntimeError(f"extract scale run at n={n} failed:\n{proc.stderr[-3000:]}")
+            run = json.loads(proc.stdout.strip().splitlines()[-1])
+            assert run["llm_calls"] == n and run["n_ok"] == n, run
+            results["sizes"][str(n)] = {
+                "reports_per_s": round(n / run["seconds"], 1),
+                "seconds": round(run["seconds"], 1),
+                "peak_rss_mb": round(run["peak_rss_mb"], 1),
+                "rss_before_extract_mb": round(run["rss_before_extract_mb"], 1),
+                "rss_growth_mb": round(run["peak_rss_mb"] - run["rss_before_extract_mb"], 1),
+            }
+    return results
