@@ -94,7 +94,7 @@ def evaluate_dataset(params: Params, model_dir: Path, out: Path, *, interim: Pat
     emb = {s: image_embeddings(model, store.array, split_rows[s], ep.batch_size, device) for s in ("val", ep.split)}
 
     # ---- zero-shot, three prompt kinds
-    reports, score_tables = {}, []
+    reports, score_tables, test_scores_by_kind = {}, [], {}
     unseen_scores = {}
     for kind in PROMPT_KINDS:
         prompts = class_prompts(seen, kind, explanations, params.explain)
@@ -103,6 +103,7 @@ def evaluate_dataset(params: Params, model_dir: Path, out: Path, *, interim: Pat
         reports[kind] = multilabel_report(test_scores, truth, rows, val_scores, val_rows, seen,
                                           n_boot=ep.n_bootstrap, seed=ep.seed, split=ep.split)
         score_tables.append(_score_table(truth, rows, seen, test_scores, kind, ep.split))
+        test_scores_by_kind[kind] = test_scores
         if kind == "explanation":
             headline_scores, headline_text = test_scores, text
         if kind in ("name", "explanation") and unseen:
@@ -116,9 +117,7 @@ def evaluate_dataset(params: Params, model_dir: Path, out: Path, *, interim: Pat
     write_json(out / "zeroshot.json", zeroshot)
     pq.write_table(pa.concat_tables(score_tables), out / "zeroshot_scores.parquet")
 
-    single = {kind: single_label_report(s, truth, rows, seen) for kind, s in
-              ((k, emb[ep.split] @ text_embeddings(model, class_prompts(seen, k, explanations, params.explain)).T)
-               for k in PROMPT_KINDS)}
+    single = {kind: single_label_report(s, truth, rows, seen) for kind, s in test_scores_by_kind.items()}
     write_json(out / "single_label.json", {"split": ep.split, "by_prompt": single})
 
     graded = [c for c in seen if c != NORMAL and any(c == k[1] for k in truth.severity)]
@@ -137,10 +136,10 @@ def evaluate_dataset(params: Params, model_dir: Path, out: Path, *, interim: Pat
     # ---- retrieval: test images against the class prompts of their labels (explanation kind)
     cols = [truth.column(c) for c in seen]
     labels_test = truth.labels[rows][:, cols]
-    retrieval = retrieval_report(emb[ep.split], labels_test, headline_text, np.eye(len(seen), dtype=bool),
-                                 ks=tuple(ep.retrieval_k))
+    # One ranking for P@1..max(k): the reported ks and the curve come from the same numbers.
     curve_k = tuple(range(1, max(ep.retrieval_k) + 1))
     curves = retrieval_report(emb[ep.split], labels_test, headline_text, np.eye(len(seen), dtype=bool), ks=curve_k)
+    retrieval = {**curves, **{d: {f"p@{k}": curves[d][f"p@{k}"] for k in ep.retrieval_k} for d in ("i2t", "t2i")}}
     write_json(out / "retrieval.json", {"split": ep.split, **retrieval})
 
     # ---- linear probe: frozen encoder features once; trained vs randomly initialised encoder
