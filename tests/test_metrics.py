@@ -9,6 +9,7 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 from medfilip.evaluate.metrics import roc_auc
+from metric_cases import random_case
 
 
 def pairwise_auc(scores, labels):
@@ -21,13 +22,6 @@ def pairwise_auc(scores, labels):
     return wins / (len(pos) * len(neg))
 
 
-def random_case(seed, n=60, n_classes=5, decimals=None):
-    rng = np.random.default_rng(seed)
-    labels = rng.random((n, n_classes)) < rng.uniform(0.1, 0.6, size=n_classes)
-    scores = rng.normal(size=(n, n_classes)) + labels * rng.uniform(0, 2, size=n_classes)
-    if decimals is not None:
-        scores = np.round(scores, decimals)
-    return scores, labels
 
 
 def assert_matches_references(scores, labels, got):

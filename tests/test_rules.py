@@ -6,7 +6,6 @@ the Open-i checks read torchxrayvision's archive at run time).
 
 import asyncio
 import shutil
-import time
 
 import pyarrow.parquet as pq
 import pytest
@@ -145,14 +144,13 @@ def test_empty_and_non_english_reports(rules):
     assert rules.extract_report("Neumotórax pequeño en el hemitórax izquierdo. 心脏大小正常。") == []
 
 
-def test_100_kb_reports_are_fast(rules):
+def test_100_kb_reports_are_handled(rules):
+    # Speed lives in the benchmarks (medfilip bench extract / vocab), not in a timed test.
     sentence = "Small left pleural effusion. No pneumothorax. Heart size is normal. Bibasilar atelectasis. "
     report = (sentence * 2000)[:100_000]
     run_on = ("no pneumothorax or effusion and mild cardiomegaly with left lower lobe opacity " * 1400)[:100_000]
-    start = time.perf_counter()
     assert {f.category for f in rules.extract_report(report)} >= {"pleural effusion", "atelectasis"}
     findings = rules.extract_report(run_on)
-    assert time.perf_counter() - start < 5.0
     assert all(len(f.evidence) <= 1000 for f in findings)
 
 
