@@ -29,7 +29,7 @@ COLUMNS = [
     ("zero-shot AUC (explanation)", "reports/evaluate.json", "mean_auc.explanation"),
     ("zero-shot AUC (name)", "reports/evaluate.json", "mean_auc.name"),
     ("severity acc.", "reports/evaluate.json", "fine_grained_severity_accuracy"),
-    ("unseen AUC (explanation)", "reports/eval/unseen.json", "classes.covid-19.auc_explanation"),
+    ("unseen AUC (explanation)", "reports/eval/unseen.json", "covid-19.auc_explanation"),
     ("best val AUC", "reports/train.json", "best_val_auc"),
 ]
 EXP_PREFIX = "ablation-"
@@ -89,7 +89,8 @@ def run(args) -> int:
         return 0
     import dvc.api
 
-    records = dvc.api.exp_show(repo=".")
+    # Experiments hang off the commit they were queued from: --num looks that many commits back.
+    records = dvc.api.exp_show(repo=".", num=args.num)
     paper = yaml.safe_load(Path(args.paper).read_text()) if Path(args.paper).is_file() else {}
     text = ablation_markdown(records, paper)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -104,3 +105,5 @@ def add_arguments(parser) -> None:
     parser.add_argument("--dry-run", action="store_true", help="queue: print the commands only")
     parser.add_argument("--paper", default="data/paper/table6.yaml")
     parser.add_argument("--out", default="reports/ablation.md")
+    parser.add_argument("--num", type=int, default=1,
+                        help="report: look for the experiments on the last N commits (they are queued from HEAD)")

@@ -18,7 +18,7 @@ def test_table_reads_metrics_with_or_without_file_prefix_and_marks_missing_rows(
         {"Experiment": EXP_PREFIX + "report", "reports/evaluate.json:mean_auc.explanation": 0.61,
          "mean_auc.name": 0.55},
         {"Experiment": EXP_PREFIX + "triplet-ssm-iki", "reports/evaluate.json:mean_auc.explanation": 0.7,
-         "reports/eval/unseen.json:classes.covid-19.auc_explanation": 0.77},
+         "reports/eval/unseen.json:covid-19.auc_explanation": 0.77},
         {"Experiment": None, "mean_auc.explanation": 0.99},  # the workspace row is not an ablation row
     ]
     text = ablation_markdown(records, {"metric": "acc", "rows": {"report": 0.5}, "source": "from the paper"})
