@@ -40,6 +40,8 @@ QUERY_DIR = Path("data/audit")
 VIEW_FILES = {
     "studies": "data/interim/studies.parquet",
     "images": "data/interim/images.parquet",
+    "image_files": "data/interim/image_files.parquet",
+    "reference": "data/interim/reference.parquet",  # the dataset's own labels (phantom truth, MeSH, CSVs)
     "triplets_raw": "data/interim/triplets_raw.parquet",
     "extractions": "data/interim/extractions.parquet",
     "pixel_index": "data/processed/pixels/index.parquet",

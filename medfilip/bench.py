@@ -67,6 +67,12 @@ def _embed(args) -> dict:
     return benchmark(n_texts=args.n)
 
 
+def _dvc_status(args) -> dict:
+    from medfilip.benchmarks.dvc_status import benchmark
+
+    return benchmark(n_files=args.n)
+
+
 def _train(args) -> dict:
     from medfilip.config import load_params
     from medfilip.train_bench import bench_params, benchmark
@@ -79,7 +85,7 @@ def _train(args) -> dict:
 
 BENCHMARKS: dict[str, Callable] = {
     "phantom": _phantom, "pixels": _pixels, "extract": _extract, "embed": _embed, "train": _train,
-    "vocab": _vocab, "audit": _audit,
+    "vocab": _vocab, "audit": _audit, "dvc-status": _dvc_status,
     "normalize": _normalize, "explain": _normalize,  # finding rows/s (normalize; explain adds build_labels)
 }
 

@@ -54,10 +54,6 @@ def _score(args) -> int:
     llm = dataclasses.replace(params.llm, **overrides)
     if not (args.openi or args.phantom):
         raise UserError("nothing to score: pass --openi and/or --phantom DIR")
-    if llm.provider == "openai":
-        from medfilip.extract.client import resolve_api_key
-
-        resolve_api_key(llm)  # a missing key is one sentence now, not a failure per report later
     results = score_datasets(llm, params.extract, args.openi, args.phantom, baseline=not args.no_baseline)
     print(json.dumps(results, indent=2))
     if args.out:
@@ -85,14 +81,16 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--queries", default="data/audit")
     a.set_defaults(func=_audit)
 
-    q = sub.add_parser("score", help="score an extractor against ground truth (phantom, Open-i MeSH)")
+    q = sub.add_parser("score", help="score any extractor against ground truth (phantom, Open-i MeSH); "
+                                     "the configured one: dvc repro score")
     q.add_argument("--openi", action="store_true", help="the 3,955 Open-i reports (torchxrayvision's archive)")
     q.add_argument("--phantom", metavar="DIR", help="a phantom dataset folder, e.g. data/raw/phantom")
     q.add_argument("--provider", choices=("rules", "openai", "llamacpp"), help="override llm.provider")
     q.add_argument("--model", help="override llm.model")
     q.add_argument("--base-url", help="override llm.base_url")
     q.add_argument("--no-baseline", action="store_true", help="skip the keyword baseline")
-    q.add_argument("--out", help="also write the JSON here, e.g. reports/quality_rules.json")
+    q.add_argument("--out", help="also write the JSON here (the configured llm's report is `dvc repro score`'s "
+                                 "reports/quality.json)")
     q.add_argument("--params", default="params.yaml")
     q.set_defaults(func=_score)
 

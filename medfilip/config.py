@@ -60,8 +60,13 @@ class ManifestParams:
 
 @dataclass(frozen=True)
 class DataParams:
-    source: Literal["phantom", "manifest", "mimic-cxr", "openi", "chexpert", "nih14"] = "phantom"
+    source: Literal["phantom", "manifest", "mimic-cxr", "openi", "chexpert", "nih14", "rsna", "vindr", "covid",
+                    "siim"] = "phantom"
     root: str = "data/raw/phantom"
+    # What ingest's DVC dependency watches, relative to root: the dataset's metadata file or folder
+    # (manifest, label CSVs, reports), never its image tree. Images are fingerprinted by path, size
+    # and mtime in data/interim/image_files.parquet instead of hashed. "." watches the whole folder.
+    metadata: str = "."
     split: SplitParams = field(default_factory=SplitParams)
     manifest: ManifestParams = field(default_factory=ManifestParams)
 
@@ -349,9 +354,23 @@ def load_params(path: str | Path = "params.yaml") -> Params:
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
     try:
+        _check_dvc_keys(raw)
         return parse(Params, raw)
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from None
+
+
+def _check_dvc_keys(raw: dict) -> None:
+    """Keys dvc.yaml interpolates must be written out: DVC does not know this module's defaults."""
+    datasets = ((raw.get("evaluate") or {}).get("datasets") or {}) if isinstance(raw, dict) else {}
+    if not isinstance(datasets, dict):
+        return
+    for name, entry in datasets.items():
+        if isinstance(entry, dict) and "metadata" not in entry:
+            raise ConfigError(
+                f"evaluate.datasets.{name}.metadata is required: the metadata file or folder under its root "
+                "that DVC watches (e.g. the labels CSV; '.' watches the whole folder)"
+            )
 
 
 def parse(cls: type, raw: Any, prefix: str = "") -> Any:

@@ -291,12 +291,22 @@ def build_key(image_size: int) -> str:
     return hashlib.sha256(code + f"|{image_size}".encode()).hexdigest()[:16]
 
 
+def _files_digest(files: pa.Table, lo: int, hi: int) -> str:
+    """A digest of rows [lo, hi) of the file fingerprint (size and mtime of each image)."""
+    h = hashlib.sha256()
+    for name in ("bytes", "mtime_ns"):
+        column = files.column(name).slice(lo, hi - lo).fill_null(-1)  # -1: the file was missing
+        h.update(column.to_numpy().astype(np.int64).tobytes())
+    return h.hexdigest()[:12]
+
+
 def build_pixel_store(
     images: pa.Table,
     out_dir: Path,
     params: PixelsParams,
     base_dir: Path = Path("."),
     *,
+    files: Optional[pa.Table] = None,
     progress: bool = True,
 ) -> dict:
     """Decode every row of ``images`` (image_id, study_id, path) into shards under ``out_dir``.
@@ -307,6 +317,10 @@ def build_pixel_store(
     names and renamed when complete, so an interruption loses only the shard being written.
     A re-run keeps every finished shard whose rows, image size and decoder code still match
     (see :func:`build_key`) and decodes only the rest. ``index.parquet`` is written last.
+
+    ``files`` is ingest's fingerprint of the image files (``image_files.parquet``: bytes and
+    mtime_ns per row, in ``images`` order). Given it, a shard is also rebuilt when one of its
+    files changed size or mtime since the shard was built, and only that shard.
     """
     start = time.perf_counter()
     out_dir = Path(out_dir)
@@ -329,11 +343,12 @@ def build_pixel_store(
     with _decoder(params.workers, n) as decode:
         for k in range(n_shards):
             lo, hi = k * per_shard, min(n, (k + 1) * per_shard)
-            part = _finished_shard(out_dir, k, key, image_ids[lo:hi], paths[lo:hi], size)
+            shard_key = key if files is None else f"{key}-{_files_digest(files, lo, hi)}"
+            part = _finished_shard(out_dir, k, shard_key, image_ids[lo:hi], paths[lo:hi], size)
             if part is not None:
                 reused += 1
             else:
-                part = _write_shard(out_dir, k, key, lo, image_ids[lo:hi], study_ids[lo:hi], paths[lo:hi],
+                part = _write_shard(out_dir, k, shard_key, lo, image_ids[lo:hi], study_ids[lo:hi], paths[lo:hi],
                                     resolved[lo:hi], size, params.on_error, decode, progress)
             parts.append(part)
 

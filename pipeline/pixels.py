@@ -13,7 +13,8 @@ if __name__ == "__main__":
     with for_people("pixels"):  # expected failures: one sentence, exit 1 (MEDFILIP_DEBUG=1: traceback)
         params = load_params()
         images = pq.read_table("data/interim/images.parquet")
-        summary = build_pixel_store(images, Path("data/processed/pixels"), params.pixels)
+        files = pq.read_table("data/interim/image_files.parquet")  # ingest's fingerprint: path, size, mtime
+        summary = build_pixel_store(images, Path("data/processed/pixels"), params.pixels, files=files)
         write_json(Path("reports/pixels.json"), summary)
         print(f"pixels: {summary['n_ok']} ok, {summary['n_failed']} failed, "
               f"{summary['images_per_s']:.0f} images/s")

@@ -101,3 +101,14 @@ def test_cli_params_reports_error(tmp_path, capsys):
 
     assert main(["params", "--file", str(write(tmp_path, "pixels:\n  workers: two\n"))]) == 2
     assert "pixels.workers" in capsys.readouterr().err
+
+
+def test_an_extra_evaluation_set_must_name_what_dvc_watches(tmp_path):
+    """evaluate-extra depends on ${item.root}/${item.metadata}; without the key DVC cannot even parse dvc.yaml."""
+    path = tmp_path / "params.yaml"
+    path.write_text("evaluate:\n  datasets:\n    nih:\n      source: manifest\n      root: data/raw/nih\n")
+    with pytest.raises(ConfigError, match=r"evaluate.datasets.nih.metadata is required"):
+        load_params(path)
+    path.write_text("evaluate:\n  datasets:\n    nih:\n      source: manifest\n      root: data/raw/nih\n"
+                    "      metadata: labels.csv\n")
+    assert load_params(path).evaluate.datasets["nih"].metadata == "labels.csv"

@@ -12,6 +12,8 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
+from medfilip.data.ingest import image_files
+
 ROOT = Path(__file__).resolve().parents[1]
 NO_KEY = "MEDFILIP_TEST_KEY_THAT_IS_NOT_SET"
 STAGES = sorted(p.stem for p in (ROOT / "pipeline").glob("*.py"))
@@ -72,8 +74,9 @@ def test_extract_without_its_api_key_names_the_variable(tmp_path):
 def test_pixels_with_a_missing_image_names_the_file(tmp_path):
     _project(tmp_path)
     missing = tmp_path / "images" / "not-there.png"
-    pq.write_table(pa.table({"image_id": ["i1"], "study_id": ["s1"], "path": [str(missing)], "view": ["PA"]}),
-                   tmp_path / "data/interim/images.parquet")
+    images = pa.table({"image_id": ["i1"], "study_id": ["s1"], "path": [str(missing)], "view": ["PA"]})
+    pq.write_table(images, tmp_path / "data/interim/images.parquet")
+    pq.write_table(image_files(images), tmp_path / "data/interim/image_files.parquet")  # as ingest writes it
     proc = _run([str(ROOT / "pipeline/pixels.py")], tmp_path)
     _assert_sentence(proc, "not-there.png")
 

@@ -41,6 +41,32 @@ def test_truth_never_counts_a_negation_and_applies_the_uncertain_policy():
     assert list(t.split) == ["test", "test", "test", "val", "test"]
 
 
+def test_a_dataset_reference_is_normal_only_where_it_says_so(tmp_path):
+    """SIIM-style labels (pneumothorax or not): "no pneumothorax" is not "no finding"."""
+    import pyarrow.parquet as pq
+
+    from medfilip.data.importers import reference_table
+    from medfilip.evaluate.truth import load_truth, truth_classes
+
+    images = pa.table({"image_id": ["i1", "i2", "i3"], "study_id": ["s1", "s2", "s3"]})
+    studies = pa.table({"study_id": ["s1", "s2", "s3"], "split": ["test"] * 3})
+    pq.write_table(images, tmp_path / "images.parquet")
+    pq.write_table(studies, tmp_path / "studies.parquet")
+    siim = reference_table([{"study_id": "s1", "category": "pneumothorax"},
+                            {"study_id": "s2", "category": "pneumothorax", "negated": True}])
+    pq.write_table(siim, tmp_path / "reference.parquet")
+    assert truth_classes(tmp_path, CLASSES) == ["pneumothorax"]
+    t = load_truth(tmp_path, tmp_path, CLASSES, uncertain="positive")
+    assert not t.labels[:, t.column("no finding")].any()
+    assert t.labels[:, t.column("pneumothorax")].tolist() == [True, False, False]
+
+    nih = reference_table([{"study_id": "s1", "category": "pneumothorax"}, {"study_id": "s3", "category": "no finding"}])
+    pq.write_table(nih, tmp_path / "reference.parquet")
+    assert truth_classes(tmp_path, CLASSES) == ["pneumothorax", "no finding"]
+    t = load_truth(tmp_path, tmp_path, CLASSES, uncertain="positive")
+    assert t.labels[:, t.column("no finding")].tolist() == [False, False, True]  # s2 has no label: not normal
+
+
 def test_multilabel_report_matches_sklearn_and_picks_thresholds_on_val():
     rng = np.random.default_rng(0)
     n = 120

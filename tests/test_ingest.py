@@ -4,6 +4,7 @@ import logging
 import shutil
 from pathlib import Path
 
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
@@ -149,9 +150,11 @@ def test_computed_split_groups_patients(tmp_path):
     assert {s["split"] for s in studies} == {"train", "val", "test"}
 
 
-def test_unknown_source_says_what_to_do(tmp_path):
+def test_unknown_source_says_what_to_do():
+    from medfilip.data.importers import get_importer
+
     with pytest.raises(DatasetError, match="data.source: manifest"):
-        ingest(DataParams(source="chexpert", root=str(tmp_path)), tmp_path / "out")
+        get_importer("padchest")
 
 
 # --------------------------------------------------------------------------- ids independent of data.root (issue 9)
@@ -208,3 +211,69 @@ def test_manifest_empty_patient_cells_are_an_error_naming_the_rows(tmp_path):
     make_manifest(tmp_path, rows)
     with pytest.raises(DatasetError, match=r"2 row\(s\) have an empty 'subject'.*row 3, 5"):
         ingest(manifest_params(tmp_path, study_col="study"), tmp_path / "out")
+
+
+# --------------------------------------------------------------------------- fingerprint and reference (issue 9)
+
+
+def test_ingest_fingerprints_every_image_by_size_and_mtime_without_reading_it(tmp_path):
+    make_manifest(tmp_path, ROWS)
+    (tmp_path / "img/c.png").unlink()
+    out = tmp_path / "interim"
+    ingest(manifest_params(tmp_path, study_col="study"), out)
+    images = pq.read_table(out / "images.parquet")
+    files = pq.read_table(out / "image_files.parquet")
+    assert files.column_names == ["image_id", "path", "bytes", "mtime_ns"]
+    assert files.column("image_id").to_pylist() == images.column("image_id").to_pylist()
+    for row in files.to_pylist():
+        path = Path(row["path"])
+        if path.exists():
+            st = path.stat()
+            assert (row["bytes"], row["mtime_ns"]) == (st.st_size, st.st_mtime_ns)
+        else:
+            assert row["bytes"] is None and row["mtime_ns"] is None
+    assert files.column("bytes").null_count == 1
+
+
+def test_a_source_without_labels_writes_an_empty_reference(tmp_path):
+    from medfilip.data.importers import REFERENCE_SCHEMA
+
+    make_manifest(tmp_path, ROWS)
+    summary = ingest(manifest_params(tmp_path, study_col="study"), tmp_path / "interim")
+    reference = pq.read_table(tmp_path / "interim" / "reference.parquet")
+    assert reference.num_rows == 0 and reference.schema.equals(REFERENCE_SCHEMA)
+    assert summary["n_reference_rows"] == 0
+
+
+def test_phantom_truth_becomes_the_reference(tmp_path):
+    from medfilip.config import PhantomParams
+    from medfilip.data.phantom import synthesize
+
+    root = tmp_path / "phantom"
+    synthesize(PhantomParams(n_patients=8, max_studies_per_patient=1, image_size=64, seed=3, workers=1),
+               SplitParams(), root)
+    ingest(DataParams(source="phantom", root=str(root)), tmp_path / "interim")
+    truth = pq.read_table(root / "truth.parquet")
+    reference = pq.read_table(tmp_path / "interim" / "reference.parquet")
+    key = lambda t: sorted(zip(t.column("study_id").to_pylist(), t.column("category").to_pylist(),
+                               t.column("severity").to_pylist(), t.column("location").to_pylist()))
+    rendered = reference.filter(pc.not_equal(reference["category"], "no finding"))
+    assert key(rendered) == key(truth) and rendered.num_rows > 0
+    # Studies with nothing rendered are normal, explicitly.
+    studies = set(pq.read_table(root / "studies.parquet").column("study_id").to_pylist())
+    normal = set(reference.filter(pc.equal(reference["category"], "no finding")).column("study_id").to_pylist())
+    assert normal == studies - set(truth.column("study_id").to_pylist()) and normal
+    assert not any(reference.column("negated").to_pylist())
+    assert reference.column("uncertain").to_pylist().count(True) == truth.column("uncertain").to_pylist().count(True)
+
+
+def test_labels_of_an_unknown_study_are_named(tmp_path):
+    import pyarrow as pa
+
+    from medfilip.data.importers import ImportedDataset, reference_table
+    from medfilip.data.ingest import canonical_reference
+
+    ds = ImportedDataset(studies=pa.table({"study_id": ["s1"]}), images=pa.table({"image_id": []}),
+                         reference=reference_table([{"study_id": "s9", "category": "effusion"}]))
+    with pytest.raises(DatasetError, match="study 's9'"):
+        canonical_reference(ds, {"s1"})

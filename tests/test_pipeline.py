@@ -38,7 +38,7 @@ def project(tmp_path_factory):
 def test_repro_runs_every_stage_and_writes_contracts(project):
     root, first = project
     assert {"synthesize", "ingest", "pixels", "extract", "normalize", "explain", "embed", "train",
-            "evaluate"} <= ran_stages(first)
+            "evaluate", "score"} <= ran_stages(first)
     studies = pq.read_table(root / "data/interim/studies.parquet")
     images = pq.read_table(root / "data/interim/images.parquet")
     assert {"study_id", "patient_id", "split", "report", "findings", "impression"} <= set(studies.column_names)
@@ -98,6 +98,9 @@ def test_repro_runs_every_stage_and_writes_contracts(project):
     assert {"1%", "10%", "100%", "random_init"} <= set(probe)
     for severity in ("mild", "moderate", "severe"):
         assert (root / f"reports/figures/phantom_{severity}.png").exists()
+    quality = json.loads((root / "reports/quality.json").read_text())
+    assert {"all", "tuning", "held_out"} <= set(quality["openi"]["rules:rules-v1"])
+    assert quality["phantom"]["n_reports"] == studies.num_rows
 
 
 @pytest.mark.slow
@@ -140,9 +143,9 @@ def test_changing_llm_reruns_extract_only_and_swapping_back_is_cached(project):
     params = (root / "params.yaml").read_text()
     (root / "params.yaml").write_text(params.replace("model: rules-v1", "model: rules-v1-alt"))
     proc = dvc(["repro"], root)
-    # extract and what depends on it; nothing upstream (ingest, pixels, synthesize).
-    assert {"extract"} <= ran_stages(proc) <= {"extract", "normalize", "explain", "embed", "train",
-                                                 "evaluate"}, proc.stdout
+    # extract and what depends on it, and the extraction score; nothing upstream (ingest, pixels, synthesize).
+    assert {"extract", "score"} <= ran_stages(proc) <= {"extract", "normalize", "explain", "embed", "train",
+                                                          "evaluate", "score"}, proc.stdout
     alt = json.loads((root / "reports/extract.json").read_text())
     assert alt["llm_calls"] > 0 and alt["cache_hits"] == 0  # a new model is a new cache key
     models = set(pq.read_table(root / "data/interim/triplets_raw.parquet").column("model").to_pylist())
@@ -176,13 +179,13 @@ def test_extra_evaluation_dataset_runs_through_foreach(project):
                root / "data/raw/phantom_ext")
     original = (root / "params.yaml").read_text()
     params = yaml.safe_load(original)
-    params["evaluate"]["datasets"] = {"ext": {"source": "phantom", "root": "data/raw/phantom_ext"}}
+    params["evaluate"]["datasets"] = {"ext": {"source": "phantom", "root": "data/raw/phantom_ext", "metadata": "."}}
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     try:
         proc = dvc(["repro"], root)
         assert ran_stages(proc) == {"evaluate-extra@ext"}, proc.stdout  # the main evaluate stays put
         zeroshot = json.loads((root / "reports/eval/ext/zeroshot.json").read_text())
-        assert zeroshot["truth_source"] == "truth.parquet" and zeroshot["n_images"] > 0
+        assert zeroshot["truth_source"] == "reference.parquet" and zeroshot["n_images"] > 0
         scores = pq.read_table(root / "reports/eval/ext/zeroshot_scores.parquet")
         assert set(scores.column("prompt").to_pylist()) == {"explanation", "name", "template"}
         assert dvc(["status"], root).stdout.strip().endswith("up to date.")

@@ -455,3 +455,35 @@ def test_trainer_dataset_reads_a_sharded_store(tmp_path):
     for i, p in enumerate([0, 1, 3]):
         assert np.array_equal(images[i].numpy(), store.array[int(index.pixel_row[p])])
         assert np.array_equal(dataset[p][0].numpy(), images[i].numpy())
+
+
+def test_a_changed_image_file_rebuilds_only_its_shard(tmp_path):
+    """With ingest's fingerprint (size, mtime), an image replaced in place rebuilds its shard and no other."""
+    import os
+
+    import medfilip.pixels as pixels
+    from medfilip.data.ingest import image_files
+
+    table = _write_pngs(tmp_path, [(20, 12), (9, 17), (16, 16), (31, 5), (7, 7)])
+    absolute = table.set_column(2, "path", pa.array([str(tmp_path / p) for p in table.column("path").to_pylist()]))
+    params = PixelsParams(image_size=16, shard_images=2)
+    build_pixel_store(absolute, tmp_path / "store", params, files=image_files(absolute))
+    written: list[int] = []
+    real = pixels._write_shard
+
+    def spy(out_dir, k, *a, **kw):
+        written.append(k)
+        return real(out_dir, k, *a, **kw)
+
+    import pytest as _pytest
+
+    with _pytest.MonkeyPatch.context() as mp:
+        mp.setattr(pixels, "_write_shard", spy)
+        build_pixel_store(absolute, tmp_path / "store", params, files=image_files(absolute))
+        assert written == []  # nothing changed: every shard reused
+        target = tmp_path / "imgs" / "im2.png"  # shard 1
+        Image.fromarray(np.full((16, 16), 255, np.uint8)).save(target)
+        os.utime(target, ns=(1_000_000_000, 1_000_000_000))  # a distinct mtime even on a coarse clock
+        build_pixel_store(absolute, tmp_path / "store", params, files=image_files(absolute))
+    assert written == [1]
+    assert PixelStore.open(tmp_path / "store").array[2].min() == 255

@@ -1,23 +1,39 @@
-"""Extraction quality metrics: checked against scikit-learn, MeSH -> categories, the keyword floor."""
+"""Extraction quality metrics: checked against scikit-learn, MeSH -> categories, the keyword floor,
+in-scope vs strict, the tuning/held-out split of Open-i, and the `score` stage."""
 
+import hashlib
+import io
 import json
+import runpy
+import tarfile
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pytest
+import yaml
 
 from medfilip.benchmarks.quality import (
+    HALVES,
     PRED_SCHEMA,
+    SPLIT_RULE,
     MeshMapError,
+    halves,
     keyword_baseline,
     load_mesh_map,
     map_mesh_term,
     openi_truth,
+    score_datasets,
     score_extraction,
+    split_half,
     truth_labels,
+    unmapped_studies,
     unmapped_terms,
 )
+from medfilip.config import ExtractParams, LLMParams
 from medfilip.vocab import load_vocabulary
+
+ROOT = Path(__file__).resolve().parents[1]
 
 sklearn_metrics = pytest.importorskip("sklearn.metrics")
 from sklearn.preprocessing import MultiLabelBinarizer  # noqa: E402
@@ -103,9 +119,11 @@ def test_metrics_match_scikit_learn(vocab, level, seed):
     assert score["macro_f1"] == pytest.approx(np.mean(supported))
     assert score["n_studies"] == len(studies)
 
-    strict = score["uncertain_excluded"]
-    _, _, micro_strict = _sklearn(studies, truth, pred, vocab, level, uncertain_counts=False)
-    assert strict["f1"] == pytest.approx(micro_strict[2])
+    certain = score["uncertain_excluded"]
+    _, _, micro_certain = _sklearn(studies, truth, pred, vocab, level, uncertain_counts=False)
+    assert certain["f1"] == pytest.approx(micro_certain[2])
+    # Every label in scope and no unmapped study: strict is the in-scope score.
+    assert {k: score["strict"][k] for k in ("tp", "fp", "fn")} == {k: score["micro"][k] for k in ("tp", "fp", "fn")}
 
 
 def test_agreement_scope_studies_and_unknown_categories(vocab):
@@ -200,6 +218,8 @@ def test_openi_truth_from_mesh_tags(vocab):
     assert rows[("CXR2", "lung opacity")]["location"] == "left lower zone"
     assert rows[("CXR2", "lung opacity")]["group"] == "lung opacity"
     assert unmapped_terms(truth) == {"Unicorn Horn": 2}
+    assert unmapped_studies(truth) == ["CXR4", "CXR6"]  # indexed, no tag maps: kept for the strict score
+    assert truth.schema.metadata[b"n_not_indexed"] == b"1"  # CXR3: No Indexing, no reference at all
     assert "pleural effusion" in truth_labels(truth) and "sternotomy" not in truth_labels(truth)
     assert json.loads(truth.schema.metadata[b"term_counts"])["unusable"] == 1
 
@@ -216,3 +236,138 @@ def test_keyword_baseline(vocab):
     assert not found["pneumonia"].negated and not found["pneumonia"].uncertain  # the floor knows no hedges
     assert "cardiomegaly" not in found  # nor statements of normality
     assert keyword_baseline("", vocab) == []
+
+
+# ----------------------------------------------------------------- in scope vs strict
+
+
+def test_strict_counts_out_of_scope_and_unmapped_studies_as_false_positives(vocab):
+    truth = _truth([
+        {"study_id": "a", "category": "pleural effusion"},
+        {"study_id": "a", "category": "cardiomegaly"},
+        {"study_id": "b", "category": "pneumothorax"},
+        {"study_id": "c", "category": "no finding"},
+    ])
+    pred = _pred([
+        {"study_id": "a", "category": "pleural effusion"},               # TP
+        {"study_id": "a", "category": "cardiomegaly", "negated": True},  # FN
+        {"study_id": "a", "category": "sternotomy"},                     # out of scope
+        {"study_id": "b", "category": "pneumothorax"},                   # TP
+        {"study_id": "b", "category": "consolidation"},                  # FP in scope
+        {"study_id": "c", "category": "sternotomy"},                     # out of scope
+        {"study_id": "c", "category": "wobbly thing"},                   # no category: out of scope
+        {"study_id": "d", "category": "consolidation"},                  # an unmapped study: FP
+        {"study_id": "d", "category": "sternotomy"},                     # an unmapped study, out of scope
+        {"study_id": "e", "category": "pneumothorax"},                   # not scored at all
+    ])
+    labels = {"pleural effusion", "cardiomegaly", "pneumothorax", "consolidation"}
+    score = score_extraction(pred, truth, vocab, "category", labels=labels, unmapped=["d"])
+    # In scope, by hand: TP 2 (a effusion, b pneumothorax), FP 1 (b consolidation), FN 1 (a cardiomegaly).
+    assert (score["micro"]["tp"], score["micro"]["fp"], score["micro"]["fn"]) == (2, 1, 1)
+    assert score["micro"]["precision"] == pytest.approx(2 / 3) and score["micro"]["f1"] == pytest.approx(2 / 3)
+    assert score["n_studies"] == 3
+    # Strict: the same TP and FN, and 5 more FP: a, c, d sternotomy, c "wobbly thing", d consolidation.
+    strict = score["strict"]
+    assert (strict["tp"], strict["fp"], strict["fn"], strict["n_studies"]) == (2, 6, 1, 4)
+    assert strict["precision"] == pytest.approx(2 / 8)
+    assert strict["recall"] == pytest.approx(2 / 3)
+    assert strict["f1"] == pytest.approx(4 / 11)  # 2PR/(P+R) = (1/3)/(11/12)
+    assert (strict["fp_out_of_scope"], strict["fp_unmapped_studies"]) == (4, 1)
+    assert strict["out_of_scope_labels"] == {"sternotomy": 3, "unknown: wobbly thing": 1}
+    assert strict["precision"] < score["micro"]["precision"]
+
+    # At the group level the label space is the groups of ``labels``; the same bookkeeping holds.
+    group = score_extraction(pred, truth, vocab, "group", labels=labels, unmapped=["d"])
+    g, m = group["strict"], group["micro"]
+    assert (g["tp"], g["fn"]) == (m["tp"], m["fn"])
+    assert g["fp"] == m["fp"] + g["fp_out_of_scope"] + g["fp_unmapped_studies"] == 6
+
+
+# ----------------------------------------------------------------- the tuning / held-out split
+
+
+def test_split_half_is_a_stable_balanced_hash_of_the_study_id():
+    # Fixed here so that a change of the rule (another hash, salt or bit) fails: the halves must not move.
+    assert [split_half(s) for s in ("CXR1", "CXR2", "CXR3", "CXR4", "CXR10", "CXR3955")] == \
+        ["held_out", "held_out", "tuning", "tuning", "tuning", "tuning"]
+    ids = [f"CXR{i}" for i in range(1, 3956)]
+    # The slow twin: the last hex digit of the digest is odd for held_out.
+    assert all(split_half(s) == HALVES[int(hashlib.sha256(s.encode()).hexdigest()[-1], 16) % 2] for s in ids)
+    split = halves(ids, ids[:10])
+    tuning, held_out = set(split["tuning"][0]), set(split["held_out"][0])
+    assert not tuning & held_out and tuning | held_out == set(ids) == set(split["all"][0])
+    assert 0.47 < len(tuning) / len(ids) < 0.53
+    assert sorted(split["tuning"][1] + split["held_out"][1]) == sorted(ids[:10])
+
+
+_XML = """<eCitation><IUXRId id="{n}"/><uId id="CXR{n}"/><MedlineCitation><Article><Abstract>
+<AbstractText Label="FINDINGS">{findings}</AbstractText><AbstractText Label="IMPRESSION">{impression}</AbstractText>
+</Abstract></Article></MedlineCitation><MeSH>{mesh}</MeSH></eCitation>"""
+
+
+def _archive(path: Path, reports: list[tuple[str, str, list[str]]]) -> Path:
+    """A tar.gz shaped like Open-i's, of reports written for this test."""
+    with tarfile.open(path, "w:gz") as tar:
+        for n, (findings, impression, mesh) in enumerate(reports, start=1):
+            data = _XML.format(n=n, findings=findings, impression=impression,
+                               mesh="".join(f"<major>{m}</major>" for m in mesh)).encode()
+            info = tarfile.TarInfo(f"ecgen-radiology/{n}.xml")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def test_score_datasets_reports_both_halves_in_scope_and_strict(tmp_path):
+    archive = _archive(tmp_path / "reports.tgz", [
+        ("Small left pleural effusion.", "Left effusion.", ["Pleural Effusion/left/small"]),  # CXR1 held_out
+        ("Heart size is normal. Lungs are clear.", "No acute disease.", ["normal"]),         # CXR2 held_out
+        ("Median sternotomy wires. Right pneumothorax.", "Pneumothorax.", ["Pneumothorax/right"]),  # CXR3 tuning
+        ("Cardiomegaly. Right pleural effusion.", "Effusion.", ["Unicorn Horn"]),             # CXR4 tuning, unmapped
+        ("No acute findings.", "Normal.", ["No Indexing"]),                                   # CXR5 not indexed
+    ])
+    llm = LLMParams(provider="rules", model="rules-v1")
+    results = score_datasets(llm, ExtractParams(cache=str(tmp_path / "llm.sqlite"), progress=False), openi=True,
+                             phantom_dir=None, openi_archive=archive)
+    openi = results["openi"]
+    assert openi["split"] == SPLIT_RULE and openi["n_not_indexed"] == 1 and openi["n_unmapped_studies"] == 1
+    for extractor in ("rules:rules-v1", "keyword"):
+        entry = openi[extractor]
+        for level in ("category", "group"):
+            n = {half: entry[half][level]["in_scope"]["n_studies"] for half in ("all", *HALVES)}
+            assert n == {"all": 3, "tuning": 1, "held_out": 2}
+            n = {half: entry[half][level]["strict"]["n_studies"] for half in ("all", *HALVES)}
+            assert n == {"all": 4, "tuning": 2, "held_out": 2}  # + CXR4, whose only tag is unmapped
+        cat = entry["all"]["category"]
+        assert cat["in_scope"]["recall"] == 1.0
+        # sternotomy (CXR3) is out of scope; CXR4's cardiomegaly and effusion have no reference.
+        assert cat["strict"]["fp_out_of_scope"] >= 1 and cat["strict"]["fp_unmapped_studies"] == 2
+        assert cat["strict"]["precision"] < cat["in_scope"]["precision"]
+        assert entry["held_out"]["category"]["strict"]["fp"] == entry["held_out"]["category"]["in_scope"]["fp"]
+
+
+# ----------------------------------------------------------------- the `score` stage
+
+
+def test_score_stage_writes_the_quality_report_under_dvc():
+    stage = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["score"]
+    assert stage["cmd"] == "python pipeline/score.py" and (ROOT / "pipeline/score.py").exists()
+    assert {"reports/quality.json": {"cache": False}} in stage["metrics"]
+    assert {"pipeline/score.py", "medfilip/benchmarks/quality.py", "medfilip/data/openi.py", "medfilip/extract",
+            "data/extract/rules", "data/knowledge/vocabulary.yaml", "data/knowledge/mesh_map.yaml",
+            "data/raw/phantom"} <= set(stage["deps"])
+    assert {"llm", "extract.text", "extract.max_report_chars"} <= set(stage["params"])
+    assert not (ROOT / "reports/quality_rules.json").exists()  # superseded: a report no stage writes goes stale
+
+
+def test_score_stage_without_torchxrayvision_says_how_to_install_it(tmp_path, monkeypatch, capsys):
+    import medfilip.data.openi
+
+    monkeypatch.setattr(medfilip.data.openi, "package_dirs", lambda package: [])
+    (tmp_path / "params.yaml").write_text((ROOT / "params.yaml").read_text())
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_:
+        runpy.run_path(str(ROOT / "pipeline/score.py"), run_name="__main__")
+    assert exit_.value.code == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("score: ") and "pip install --no-deps torchxrayvision" in err and "\n" not in err
+    assert not (tmp_path / "reports").exists()

@@ -1,16 +1,23 @@
-"""The ingest stage: any source -> canonical ``studies.parquet`` + ``images.parquet``."""
+"""The ingest stage: any source -> canonical ``studies.parquet`` + ``images.parquet``.
+
+Besides the two canonical tables it writes ``reference.parquet`` (the dataset's own labels,
+empty when it has none) and ``image_files.parquet``: path, size and mtime of every image
+file, stat'ed, never read. That fingerprint is what the ``pixels`` stage depends on, so DVC
+never hashes the raw image tree (550 GB for MIMIC-CXR-JPG).
+"""
 
 from __future__ import annotations
 
 import os
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from medfilip.config import DataParams
-from medfilip.data.importers import DatasetError, ImportedDataset, get_importer
+from medfilip.data.importers import REFERENCE_SCHEMA, DatasetError, ImportedDataset, get_importer
 from medfilip.data.sections import findings_and_impression
 from medfilip.data.split import assign_split
 
@@ -27,6 +34,35 @@ STUDY_SCHEMA = pa.schema(
 IMAGE_SCHEMA = pa.schema(
     [("image_id", pa.string()), ("study_id", pa.string()), ("path", pa.string()), ("view", pa.string())]
 )
+# One row per image, in images.parquet order; bytes/mtime_ns null for a missing file.
+FILE_SCHEMA = pa.schema(
+    [("image_id", pa.string()), ("path", pa.string()), ("bytes", pa.int64()), ("mtime_ns", pa.int64())]
+)
+_STAT_THREADS = 16  # stat() is I/O-bound: on network storage a pool hides its latency
+
+
+def _stat(path: str) -> tuple[int, int] | tuple[None, None]:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None, None
+    return st.st_size, st.st_mtime_ns
+
+
+def image_files(images: pa.Table, threads: int = _STAT_THREADS) -> pa.Table:
+    """The cheap fingerprint of the image files: (image_id, path, bytes, mtime_ns), one stat each."""
+    paths = images.column("path").to_pylist()
+    with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
+        stats = list(pool.map(_stat, paths, chunksize=1024))
+    return pa.table(
+        {
+            "image_id": images.column("image_id"),
+            "path": images.column("path"),
+            "bytes": pa.array([b for b, _ in stats], pa.int64()),
+            "mtime_ns": pa.array([m for _, m in stats], pa.int64()),
+        },
+        schema=FILE_SCHEMA,
+    )
 
 
 def canonicalize(ds: ImportedDataset, params: DataParams) -> tuple[pa.Table, pa.Table, dict]:
@@ -82,11 +118,21 @@ def canonicalize(ds: ImportedDataset, params: DataParams) -> tuple[pa.Table, pa.
         "n_with_findings": sum(1 for r in rows if r["findings"]),
         "n_with_impression": sum(1 for r in rows if r["impression"]),
         "n_studies_without_image": len(set(ids) - {im["study_id"] for im in images}),
-        # The pixels stage decides (pixels.on_error) whether a missing file fails the run.
-        "n_missing_image_files": sum(1 for im in images if not os.path.exists(im["path"])),
         **ds.notes,
     }
     return study_table, image_table, summary
+
+
+def canonical_reference(ds: ImportedDataset, study_ids: set[str]) -> pa.Table:
+    """The dataset's labels in :data:`REFERENCE_SCHEMA`, sorted; a label of an unknown study is an error."""
+    if ds.reference is None:
+        return REFERENCE_SCHEMA.empty_table()
+    missing = sorted(set(ds.reference.column("study_id").to_pylist()) - study_ids)
+    if missing:
+        raise DatasetError(f"the dataset's labels name study '{missing[0]}', which has no report or image "
+                           f"({len(missing)} such studies)")
+    table = ds.reference.select(REFERENCE_SCHEMA.names).cast(REFERENCE_SCHEMA)
+    return table.sort_by([("study_id", "ascending"), ("category", "ascending")])
 
 
 def ingest(params: DataParams, out_dir: Path) -> dict:
@@ -94,7 +140,18 @@ def ingest(params: DataParams, out_dir: Path) -> dict:
     importer = get_importer(params.source)
     dataset = importer(Path(params.root), params)
     studies, images, summary = canonicalize(dataset, params)
+    reference = canonical_reference(dataset, set(studies.column("study_id").to_pylist()))
+    files = image_files(images)
+    # The pixels stage decides (pixels.on_error) whether a missing file fails the run.
+    summary["n_missing_image_files"] = files.column("bytes").null_count
+    summary["n_reference_rows"] = reference.num_rows
+    summary["n_reference_studies"] = len(set(reference.column("study_id").to_pylist()))
     out_dir.mkdir(parents=True, exist_ok=True)
     pq.write_table(studies, out_dir / "studies.parquet")
     pq.write_table(images, out_dir / "images.parquet")
+    pq.write_table(reference, out_dir / "reference.parquet")
+    pq.write_table(files, out_dir / "image_files.parquet")
+    if dataset.masks is not None:
+        pq.write_table(dataset.masks, out_dir / "masks.parquet")
+        summary["n_mask_rows"] = dataset.masks.num_rows
     return summary

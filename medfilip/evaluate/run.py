@@ -54,7 +54,7 @@ def evaluate_extra(params: Params, name: str, model_dir: Path, work: Path = Path
     interim, processed = work / name / "interim", work / name / "processed"
     ingest(data, interim)
     build_pixel_store(pq.read_table(interim / "images.parquet"), processed / "pixels", params.pixels,
-                      progress=False)
+                      files=pq.read_table(interim / "image_files.parquet"), progress=False)
     return evaluate_dataset(dataclasses.replace(params, data=data), model_dir, reports / name,
                             interim=interim, processed=processed, dataset=name)
 
@@ -71,17 +71,18 @@ def evaluate_dataset(params: Params, model_dir: Path, out: Path, *, interim: Pat
     explanations = {c: e.text for c, e in explanations_full.items()}
     seen_all = [c for c, e in explanations_full.items() if not e.unseen]
     unseen_all = [c for c, e in explanations_full.items() if e.unseen]
-    seen = truth_classes(Path(params.data.root), seen_all)
+    seen = truth_classes(interim, seen_all)
     if seen is None and not (processed / "labels.parquet").is_file():
         raise EvaluateError(
-            f"dataset '{dataset}' at {params.data.root} has no ground truth: no truth.parquet there and no "
-            "extracted labels; give it a truth.parquet (study_id, category[, severity, uncertain])"
+            f"dataset '{dataset}' at {params.data.root} has no ground truth: its importer found no labels "
+            f"(data.source: {params.data.source}) and no report was extracted; give it labels, e.g. a "
+            "manifest with reports, or an evaluation source with a labels file"
         )
     if seen is None:  # no truth file: score the seen classes the extractor labelled
         labelled = set(pq.read_table(processed / "labels.parquet", columns=["category_norm"])
                        .column("category_norm").to_pylist())
         seen = [c for c in seen_all if c in labelled]
-    truth = load_truth(Path(params.data.root), interim, processed, seen + unseen_all, uncertain=params.train.uncertain)
+    truth = load_truth(interim, processed, seen + unseen_all, uncertain=params.train.uncertain)
     unseen = [c for c in unseen_all if truth.labels[:, truth.column(c)].any()]
 
     ok = store.ok

@@ -1,9 +1,13 @@
 """Ground truth for evaluation: per image, which classes are present (never from a negation).
 
-On the phantom it comes from ``truth.parquet`` (what was rendered), not from the
-extractor; a study with no rendered finding is "no finding". On other datasets it comes
-from their own labels; without any, from ``labels.parquet`` (the extractor), and the
-reports say so. ``train.uncertain`` applies to uncertain truth: positive counts it,
+It comes from the dataset's own labels, which ingest writes to ``reference.parquet``
+(the phantom: what was rendered, not what the extractor read; Open-i: its MeSH tags;
+evaluation sets: their label files). There "no finding" is a label like any other: a study
+is normal only where the dataset says so (an explicit "no finding" row), because many sets
+label one finding only (SIIM: pneumothorax or not) and "no pneumothorax" is not "normal".
+A set that never says "no finding" is not scored on it. A dataset without labels of its own
+is scored against ``labels.parquet`` (the extractor), where a study with no positive
+finding is "no finding", and the reports say so. ``train.uncertain`` applies to uncertain truth: positive counts it,
 negative does not, ignore leaves the (image, class) pair out of that class's metrics.
 """
 
@@ -15,6 +19,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 NORMAL = "no finding"
@@ -41,10 +46,12 @@ class Truth:
 
 
 def build_truth(images: pa.Table, studies: pa.Table, findings: pa.Table, classes: Sequence[str], *,
-                uncertain: str = "positive", source: str = "truth.parquet") -> Truth:
+                uncertain: str = "positive", source: str = "reference.parquet",
+                derive_normal: bool = True) -> Truth:
     """Labels per image from per-study finding rows (``study_id, category[, severity, uncertain, negated]``).
 
-    A study without a positive finding row is labelled "no finding" (when that is a class).
+    ``derive_normal``: a study without a positive finding row is labelled "no finding" (when that is
+    a class). Without it only an explicit "no finding" row makes a study normal.
     """
     classes = list(classes)
     col = {c: i for i, c in enumerate(classes)}
@@ -81,7 +88,7 @@ def build_truth(images: pa.Table, studies: pa.Table, findings: pa.Table, classes
         if row.get("severity"):
             for r in rows:
                 severity[(r, classes[j])] = row["severity"]
-    if NORMAL in col:
+    if NORMAL in col and derive_normal:
         labels[~has_finding, col[NORMAL]] = True
     labels &= known
     return Truth(image_ids=image_ids, study_ids=image_study,
@@ -89,14 +96,21 @@ def build_truth(images: pa.Table, studies: pa.Table, findings: pa.Table, classes
                  classes=classes, labels=labels, known=known, severity=severity, source=source)
 
 
-def load_truth(data_root: Path, interim: Path, processed: Path, classes: Sequence[str], *,
-               uncertain: str) -> Truth:
-    """Truth for the pipeline's dataset: ``<data.root>/truth.parquet`` if the dataset has one,
-    else the extractor's labels (``labels.parquet``)."""
+def reference(interim: Path) -> Optional[pa.Table]:
+    """The dataset's own labels (ingest's ``reference.parquet``), or None when it has none."""
+    path = Path(interim) / "reference.parquet"
+    if not path.is_file():
+        return None
+    table = pq.read_table(path)
+    return table if table.num_rows else None
+
+
+def load_truth(interim: Path, processed: Path, classes: Sequence[str], *, uncertain: str) -> Truth:
+    """Truth for an ingested dataset: its reference labels if it has any, else the extractor's labels."""
     images, studies = pq.read_table(interim / "images.parquet"), pq.read_table(interim / "studies.parquet")
-    truth_file = Path(data_root) / "truth.parquet"
-    if truth_file.is_file():
-        return build_truth(images, studies, pq.read_table(truth_file), classes, uncertain=uncertain)
+    ref = reference(interim)
+    if ref is not None:
+        return build_truth(images, studies, ref, classes, uncertain=uncertain, derive_normal=False)
     labels = pq.read_table(processed / "labels.parquet")
     findings = labels.rename_columns(["category" if n == "category_norm" else
                                       "severity" if n == "severity_norm" else n for n in labels.column_names])
@@ -104,10 +118,12 @@ def load_truth(data_root: Path, interim: Path, processed: Path, classes: Sequenc
                        source="labels.parquet (extractor)")
 
 
-def truth_classes(data_root: Path, seen: Sequence[str]) -> Optional[list[str]]:
-    """The seen classes a dataset's truth can score: the truth's categories that are seen classes, plus normal."""
-    truth_file = Path(data_root) / "truth.parquet"
-    if not truth_file.is_file():
+def truth_classes(interim: Path, seen: Sequence[str]) -> Optional[list[str]]:
+    """The seen classes a dataset's reference labels can score: its positive categories that are seen
+    ("no finding" only where the dataset says it)."""
+    ref = reference(interim)
+    if ref is None:
         return None
-    present = set(pq.read_table(truth_file, columns=["category"]).column("category").to_pylist())
-    return [c for c in seen if c in present or c == NORMAL]
+    positive = ref.filter(pc.invert(ref["negated"])) if "negated" in ref.column_names else ref
+    present = set(positive.column("category").to_pylist())
+    return [c for c in seen if c in present]

@@ -1,8 +1,10 @@
 """One module per dataset importer; each turns a dataset on disk into an :class:`ImportedDataset`.
 
 An importer returns the studies (study_id, patient_id, report, optional split the
-source ships) and images (image_id, study_id, path, view). Paths are relative to
-the project root or absolute. Section parsing and the patient-grouped split are
+source ships), images (image_id, study_id, path, view) and, where the dataset has
+its own labels, a reference table (:data:`REFERENCE_SCHEMA`: one row per study and
+finding, categories in our vocabulary) that evaluation scores against. Paths are
+relative to the project root or absolute. Section parsing and the patient-grouped split are
 done once, for every source, by :func:`medfilip.data.ingest.ingest`.
 """
 
@@ -10,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 import pyarrow as pa
 
@@ -22,10 +24,32 @@ class DatasetError(UserError, ValueError):
     """A dataset that cannot be imported: names the file, column or study."""
 
 
+# The dataset's own labels (data/interim/reference.parquet): what a positive study has, in
+# vocabulary categories; a negated row says the dataset marks the finding absent.
+REFERENCE_SCHEMA = pa.schema([
+    ("study_id", pa.string()),
+    ("category", pa.string()),
+    ("severity", pa.string()),
+    ("location", pa.string()),
+    ("uncertain", pa.bool_()),
+    ("negated", pa.bool_()),
+])
+
+
+def reference_table(rows: list[dict]) -> pa.Table:
+    """Rows with at least study_id and category -> a :data:`REFERENCE_SCHEMA` table."""
+    full = [{"severity": None, "location": None, "uncertain": False, "negated": False, **r} for r in rows]
+    return pa.Table.from_pylist(full, schema=REFERENCE_SCHEMA)
+
+
 @dataclass
 class ImportedDataset:
     studies: pa.Table  # study_id, patient_id, report, [split]
     images: pa.Table  # image_id, study_id, path, view
+    reference: Optional[pa.Table] = None  # REFERENCE_SCHEMA; None: the dataset has no labels of its own
+    # Region annotations kept for segmentation/localisation (SIIM RLE masks, boxes): written as
+    # masks.parquet beside the tables, one row per (image, region); None: the dataset has none.
+    masks: Optional[pa.Table] = None
     # Facts about the import a user must see (e.g. one patient per image), merged into reports/ingest.json.
     notes: dict = field(default_factory=dict)
 
@@ -33,14 +57,35 @@ class ImportedDataset:
 Importer = Callable[[Path, DataParams], ImportedDataset]
 
 
+# data.source -> module under medfilip.data.importers; each module has ``load(root, params)``.
+SOURCES = {
+    "phantom": "phantom",
+    "manifest": "manifest",
+    "mimic-cxr": "mimic_cxr",
+    "openi": "openi",
+    "chexpert": "chexpert",
+    "nih14": "nih14",
+    "rsna": "rsna",
+    "vindr": "vindr",
+    "covid": "covid",
+    "siim": "siim",
+}
+
+
 def get_importer(source: str) -> Importer:
     """The importer for ``data.source``; a clear error for a source not built yet."""
-    from medfilip.data.importers import manifest, phantom
+    import importlib
 
-    importers: dict[str, Importer] = {"phantom": phantom.load, "manifest": manifest.load}
-    if source not in importers:
+    if source not in SOURCES:
         raise DatasetError(
-            f"data.source '{source}' has no importer yet (available: {', '.join(sorted(importers))}); "
+            f"data.source '{source}' has no importer (available: {', '.join(sorted(SOURCES))}); "
             "export your dataset as a CSV/Parquet and use data.source: manifest"
         )
-    return importers[source]
+    try:
+        module = importlib.import_module(f"medfilip.data.importers.{SOURCES[source]}")
+    except ModuleNotFoundError as exc:
+        if exc.name != f"medfilip.data.importers.{SOURCES[source]}":
+            raise
+        raise DatasetError(f"data.source '{source}' has no importer yet; export the dataset as a CSV/Parquet "
+                           "and use data.source: manifest") from None
+    return module.load

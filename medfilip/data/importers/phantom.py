@@ -9,11 +9,12 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from medfilip.config import DataParams
-from medfilip.data.importers import DatasetError, ImportedDataset
+from medfilip.data.importers import REFERENCE_SCHEMA, DatasetError, ImportedDataset, reference_table
 
 
 def load(root: Path, params: DataParams) -> ImportedDataset:
-    """Read ``root/studies.parquet`` (one image per study); the phantom ships its own split."""
+    """Read ``root/studies.parquet`` (one image per study); the phantom ships its own split, and
+    ``root/truth.parquet`` (what was rendered) is its reference."""
     path = root / "studies.parquet"
     if not path.exists():
         raise DatasetError(
@@ -30,4 +31,19 @@ def load(root: Path, params: DataParams) -> ImportedDataset:
             "view": table["view"],
         }
     )
-    return ImportedDataset(studies=studies, images=images)
+    truth_path = root / "truth.parquet"
+    reference = None
+    if truth_path.exists():
+        truth = pq.read_table(truth_path)
+        n = truth.num_rows
+        columns = {name: truth[name] if name in truth.column_names else pa.nulls(n, field.type)
+                   for name, field in zip(REFERENCE_SCHEMA.names, REFERENCE_SCHEMA)}
+        for flag in ("uncertain", "negated"):
+            columns[flag] = pc.fill_null(columns[flag].cast(pa.bool_()), False)
+        reference = pa.table(columns, schema=REFERENCE_SCHEMA)
+        # A phantom study with nothing rendered is normal by construction: say so explicitly
+        # (the evaluation scores "no finding" only where a dataset states it).
+        normal = sorted(set(studies.column("study_id").to_pylist()) - set(truth.column("study_id").to_pylist()))
+        reference = pa.concat_tables([reference, reference_table([{"study_id": s, "category": "no finding"}
+                                                                  for s in normal])])
+    return ImportedDataset(studies=studies, images=images, reference=reference)
