@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -66,7 +67,10 @@ def _wait_gone(pid: int, timeout: float = 15.0) -> bool:
 
 def _port_open(port: int) -> bool:
     with socket.socket() as sock:
-        return sock.connect_ex(("127.0.0.1", port)) == 0
+        if sock.connect_ex(("127.0.0.1", port)) != 0:
+            return False
+        # Nothing listening, yet connected: the kernel chose `port` as our own source port (a self-connect).
+        return sock.getsockname() != sock.getpeername()
 
 
 def _models(base_url: str) -> list[str]:
@@ -74,6 +78,55 @@ def _models(base_url: str) -> list[str]:
     with opener.open(f"{base_url}/models", timeout=5) as resp:
         assert resp.status == 200
         return [m["id"] for m in json.loads(resp.read())["data"]]
+
+
+# A stand-in for `python -m llama_cpp.server`: answers /v1/models on the given port, so the lifecycle
+# tests run without llama-cpp-python. On SIGTERM it dies (default), or, with "interrupt-parent",
+# stays up and sends SIGINT to the stage: a second Ctrl-C that lands while stop() waits for it.
+_STAND_IN = textwrap.dedent(
+    """
+    import json, os, signal, sys
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+    alias, port, on_sigterm = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+    if on_sigterm == "interrupt-parent":
+        signal.signal(signal.SIGTERM, lambda *_: os.kill(os.getppid(), signal.SIGINT))
+
+    class Models(BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = json.dumps({"object": "list", "data": [{"id": alias}]}).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    HTTPServer(("127.0.0.1", port), Models).serve_forever()
+    """
+)
+
+
+@pytest.fixture
+def stand_in(monkeypatch, tmp_path):
+    """``stand_in(on_sigterm)`` -> LlamaCppParams whose server is the stand-in script."""
+    script = tmp_path / "stand_in_server.py"
+    script.write_text(_STAND_IN)
+    gguf = tmp_path / "stand-in.gguf"
+    gguf.write_bytes(b"GGUF")
+    monkeypatch.setattr(server_mod, "check_server_extra", lambda: None)
+
+    def params(on_sigterm: str = "exit") -> LlamaCppParams:
+        command = lambda self, port: [sys.executable, str(script), self.model_alias, str(port), on_sigterm]
+        monkeypatch.setattr(LlamaCppServer, "_command", command)
+        return LlamaCppParams(gguf=str(gguf))
+
+    return params
+
+
+@pytest.fixture
+def sigint_raises():
+    """SIGINT raises KeyboardInterrupt in this process, even under a runner that ignores SIGINT."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
 
 
 # --------------------------------------------------------------------------- fast: no model loads
@@ -174,11 +227,97 @@ def test_stop_kills_a_server_that_ignores_sigterm(monkeypatch):
         stdout=subprocess.PIPE, text=True, start_new_session=True,
     )
     assert stubborn.stdout.readline().strip() == "ready"
-    t0 = time.monotonic()
     server_mod._terminate_group(stubborn)
     stubborn.stdout.close()
     assert stubborn.returncode == -signal.SIGKILL
-    assert time.monotonic() - t0 < 5
+
+
+def test_stand_in_server_starts_and_stops(stand_in, tmp_path):
+    with LlamaCppServer(stand_in(), ALIAS, log_path=tmp_path / "s.log") as server:
+        proc = server._proc
+        assert _models(server.base_url) == [ALIAS]
+    assert proc.returncode == -signal.SIGTERM
+    assert not server.running
+
+
+def test_sigterm_handler_and_atexit_hook_are_in_place_before_the_server_exists(stand_in, monkeypatch, tmp_path):
+    """Else a SIGTERM right after the spawn takes Python's default action and orphans the server."""
+    server = LlamaCppServer(stand_in(), ALIAS, log_path=tmp_path / "s.log")
+    at_spawn = []
+    real_popen = subprocess.Popen
+
+    def popen(*args, **kwargs):
+        at_spawn.append(signal.getsignal(signal.SIGTERM) == server._on_sigterm)
+        return real_popen(*args, **kwargs)
+
+    monkeypatch.setattr(server_mod.subprocess, "Popen", popen)
+    with server:
+        pass
+    assert at_spawn == [True]
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # put back
+
+
+class _InterruptedRightAfterAcquire:
+    """Popen's waitpid lock, with a Ctrl-C landing just after its first acquire.
+
+    CPython runs signal handlers after C calls, so a KeyboardInterrupt can surface right after
+    ``Popen.poll()`` took the lock and before the ``try`` that releases it (about one interrupt
+    in seven of those that hit a busy poll loop): the lock stays held, and ``Popen.wait()``
+    then blocks forever. Blocking on the held lock fails the test instead of hanging it.
+    """
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._interrupt = True
+
+    def acquire(self, blocking=True, timeout=-1):
+        if blocking and self._lock.locked():
+            raise AssertionError("Popen.wait() would block forever on the lock an interrupted poll() left held")
+        acquired = self._lock.acquire(False)
+        if acquired and self._interrupt:
+            self._interrupt = False
+            signal.raise_signal(signal.SIGINT)  # Python's own handler raises KeyboardInterrupt here
+        return acquired
+
+    def release(self):
+        self._lock.release()
+
+    def locked(self):
+        return self._lock.locked()
+
+    def __enter__(self):
+        return self.acquire()
+
+    def __exit__(self, *exc_info):
+        self.release()
+
+
+def test_stop_does_not_hang_on_the_lock_an_interrupted_poll_left_held(stand_in, sigint_raises, tmp_path):
+    with LlamaCppServer(stand_in(), ALIAS, log_path=tmp_path / "s.log") as server:
+        proc = server._proc
+        proc._waitpid_lock = _InterruptedRightAfterAcquire()
+        with pytest.raises(KeyboardInterrupt):
+            proc.poll()  # what the startup loop's poll() could meet (Ctrl-C while the model loads)
+        assert proc._waitpid_lock.locked()
+    assert proc.returncode is not None and not _alive(proc.pid)
+
+
+def test_interrupt_while_stop_waits_still_kills_the_server(stand_in, sigint_raises, monkeypatch, tmp_path):
+    """A second Ctrl-C during the SIGTERM grace period: SIGKILL now, then let the interrupt go on."""
+    monkeypatch.setattr(server_mod, "_STOP_GRACE_S", 120.0)  # the interrupt, not the grace period, ends the wait
+    server = LlamaCppServer(stand_in(on_sigterm="interrupt-parent"), ALIAS, log_path=tmp_path / "s.log")
+    proc = None
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with server:
+                proc = server._proc
+        assert proc.returncode == -signal.SIGKILL
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # stop() still undid its handler
+    finally:
+        if proc is not None and proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        server.stop()
 
 
 class _FakeInner:
@@ -252,16 +391,62 @@ def test_server_retries_on_another_port_when_its_port_is_taken(monkeypatch, tmp_
     assert "address already in use" in (tmp_path / "s.log").read_text().lower()
 
 
+# The stage process: argv = log path, stand-in script ("" for the real server), GGUF ("" for the packaged one).
 _CHILD = textwrap.dedent(
     """
-    import json, sys, time
+    import json, signal, sys, time
+    # Ctrl-C reaches a stage that `dvc repro` runs in a terminal, whatever the test runner inherited:
+    # started in the background by a script or a CI agent, it ignores SIGINT, its children inherit
+    # that, and Python then installs no KeyboardInterrupt handler at all.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
     from medfilip.config import LlamaCppParams
+    from medfilip.extract import server as server_mod
     from medfilip.extract.server import LlamaCppServer
-    with LlamaCppServer(LlamaCppParams(), "smollm2-135m", log_path=sys.argv[1]) as server:
+    log_path, stand_in, gguf = sys.argv[1:4]
+    if stand_in:
+        server_mod.check_server_extra = lambda: None
+        LlamaCppServer._command = lambda self, port: [sys.executable, stand_in, self.model_alias, str(port), "exit"]
+    with LlamaCppServer(LlamaCppParams(gguf=gguf or None), "smollm2-135m", log_path=log_path) as server:
         print(json.dumps({"pid": server.pid, "port": server.port}), flush=True)
         time.sleep(300)
     """
 )
+# Runs argv[1:] as a runner started in the background does: SIGINT ignored, inherited across exec.
+_IGNORING_SIGINT = ("import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_IGN); "
+                    "os.execv(sys.executable, [sys.executable, *sys.argv[1:]])")
+_HANG_GUARD_S = 120  # only against a hang: stop() itself takes at most two grace periods
+
+
+def _kill_the_stage(sig: signal.Signals, tmp_path: Path, stand_in: Path | None = None, runner_ignores_sigint=False):
+    """Start a stage process that runs a server, wait for its "ready" line, signal it; check both are gone."""
+    if sig == signal.SIGKILL and sys.platform != "linux":
+        pytest.skip("the parent-death signal is Linux-only")
+    gguf = ""
+    if stand_in is not None:
+        gguf = tmp_path / "stand-in.gguf"
+        gguf.write_bytes(b"GGUF")
+    argv = ["-c", _CHILD, str(tmp_path / "server.log"), str(stand_in or ""), str(gguf)]
+    launcher = ["-c", _IGNORING_SIGINT] if runner_ignores_sigint else []
+    child = subprocess.Popen([sys.executable, *launcher, *argv], cwd=REPO, stdout=subprocess.PIPE, text=True,
+                             env={**os.environ, "PYTHONPATH": str(REPO)})
+    try:
+        info = json.loads(child.stdout.readline())  # the server answered: the stage is in its `with` block
+        assert _alive(info["pid"]) and _port_open(info["port"])
+        child.send_signal(sig)
+        code = child.wait(timeout=_HANG_GUARD_S)
+        assert code == {signal.SIGTERM: 128 + signal.SIGTERM, signal.SIGINT: -signal.SIGINT,
+                        signal.SIGKILL: -signal.SIGKILL}[sig]
+        if sig == signal.SIGKILL:  # the parent-death signal stops the server after the stage is gone
+            assert _wait_gone(info["pid"], timeout=_HANG_GUARD_S)
+        else:  # stop() reaped the server before the stage exited
+            assert not _alive(info["pid"])
+        assert not _port_open(info["port"])
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+        child.stdout.close()
 
 
 @needs_server
@@ -269,24 +454,19 @@ _CHILD = textwrap.dedent(
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGKILL], ids=lambda s: s.name)
 def test_server_stops_when_the_stage_process_is_killed(sig, tmp_path):
     """DVC cancels with SIGTERM/SIGINT; SIGKILL (OOM killer) leaves it to the parent-death signal."""
-    if sig == signal.SIGKILL and sys.platform != "linux":
-        pytest.skip("the parent-death signal is Linux-only")
-    child = subprocess.Popen(
-        [sys.executable, "-c", _CHILD, str(tmp_path / "server.log")], cwd=REPO, stdout=subprocess.PIPE, text=True,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-    )
-    try:
-        info = json.loads(child.stdout.readline())
-        assert _alive(info["pid"]) and _port_open(info["port"])
-        child.send_signal(sig)
-        code = child.wait(timeout=20)
-        assert code == {signal.SIGTERM: 128 + signal.SIGTERM, signal.SIGINT: -signal.SIGINT, signal.SIGKILL: -signal.SIGKILL}[sig]
-        assert _wait_gone(info["pid"], timeout=15)
-        assert not _port_open(info["port"])
-    finally:
-        if child.poll() is None:
-            child.kill()
-            child.wait()
+    _kill_the_stage(sig, tmp_path)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGKILL], ids=lambda s: s.name)
+def test_stand_in_server_stops_when_the_stage_process_is_killed(sig, tmp_path):
+    (tmp_path / "stand_in_server.py").write_text(_STAND_IN)
+    _kill_the_stage(sig, tmp_path, stand_in=tmp_path / "stand_in_server.py")
+
+
+def test_sigint_stops_the_stage_when_the_test_runner_ignores_sigint(tmp_path):
+    """The reported flake: under a runner that ignores SIGINT the stage slept through it."""
+    (tmp_path / "stand_in_server.py").write_text(_STAND_IN)
+    _kill_the_stage(signal.SIGINT, tmp_path, stand_in=tmp_path / "stand_in_server.py", runner_ignores_sigint=True)
 
 
 REPORTS = [

@@ -159,7 +159,7 @@ class LlamaCppServer:
 
     @property
     def running(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
+        return self._proc is not None and not _reap(self._proc)
 
     @property
     def pid(self) -> int | None:
@@ -178,6 +178,10 @@ class LlamaCppServer:
         self._open_log()
         t0 = time.monotonic()
         try:
+            # Cleanup hooks before the child exists: a SIGTERM between spawning it and installing
+            # them would take Python's default action and orphan the server.
+            atexit.register(self.stop)
+            self._install_sigterm()
             for attempt in range(1, _BIND_ATTEMPTS + 1):
                 self._spawn(free_loopback_port())
                 if self._wait_until_ready(t0, last_attempt=attempt == _BIND_ATTEMPTS):
@@ -189,18 +193,22 @@ class LlamaCppServer:
         self.startup_s = time.monotonic() - t0
 
     def stop(self) -> None:
-        """SIGTERM the server's process group, SIGKILL it after a grace period; safe to call twice."""
-        proc, self._proc = self._proc, None
-        if proc is not None:
-            _terminate_group(proc)
-        self._restore_sigterm()
-        atexit.unregister(self.stop)
-        if self._log_file is not None:
-            self._log_file.close()
-            self._log_file = None
-        if self._own_log and not self._keep_log and self.log_path is not None:
-            self.log_path.unlink(missing_ok=True)
-            self.log_path, self._own_log = None, False
+        """SIGTERM the server's process group, SIGKILL it after a grace period; safe to call twice.
+
+        Interrupted while waiting (a second Ctrl-C, DVC's SIGTERM), it SIGKILLs the group before
+        letting the interrupt go on, so no server outlives it.
+        """
+        try:
+            self._stop_process()
+        finally:
+            self._restore_sigterm()
+            atexit.unregister(self.stop)
+            if self._log_file is not None:
+                self._log_file.close()
+                self._log_file = None
+            if self._own_log and not self._keep_log and self.log_path is not None:
+                self.log_path.unlink(missing_ok=True)
+                self.log_path, self._own_log = None, False
 
     def log_tail(self, n: int = _LOG_TAIL_LINES) -> str:
         """The server's last ``n`` log lines (what to read when it fails)."""
@@ -262,8 +270,6 @@ class LlamaCppServer:
             # PDEATHSIG fires when the spawning *thread* exits, so only arm it from the main thread.
             preexec_fn=_parent_death_signal(os.getpid()) if main_thread and sys.platform == "linux" else None,
         )
-        atexit.register(self.stop)
-        self._install_sigterm()
 
     def _wait_until_ready(self, t0: float, last_attempt: bool) -> bool:
         """True once the server lists our model; False if it lost the port race (retry)."""
@@ -271,8 +277,8 @@ class LlamaCppServer:
         url = f"http://127.0.0.1:{self.port}/v1/models"
         opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback: never a proxy
         while True:
-            code = self._proc.poll()
-            if code is not None:
+            if _reap(self._proc):
+                code = self._proc.returncode
                 tail = self.log_tail()
                 if not last_attempt and "address already in use" in tail.lower():
                     self._stop_process()
@@ -302,7 +308,7 @@ class LlamaCppServer:
             time.sleep(0.1)
 
     def _stop_process(self) -> None:
-        """Stop the child but keep the log open (between port retries)."""
+        """Stop the child; the log stays open (port retries reuse it, stop() closes it)."""
         proc, self._proc = self._proc, None
         if proc is not None:
             _terminate_group(proc)
@@ -339,18 +345,55 @@ class LlamaCppServer:
 
 
 def _terminate_group(proc: subprocess.Popen) -> None:
-    """SIGTERM the child's process group, wait, then SIGKILL the group if it is still there."""
-    if proc.poll() is not None:
+    """SIGTERM the child's process group, wait, then SIGKILL the group if it is still there.
+
+    Interrupted while waiting, it SIGKILLs the group at once and lets the interrupt go on.
+    """
+    if _reap(proc):
         return
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(proc.pid, signal.SIGTERM)
     try:
-        proc.wait(timeout=_STOP_GRACE_S)
-    except subprocess.TimeoutExpired:
-        # Killed while still the group leader (not yet reaped), so the group id is still ours.
+        _signal_group(proc, signal.SIGTERM)
+        if _reap(proc, _STOP_GRACE_S):
+            return
+    except BaseException:
+        _kill_group(proc)
+        raise
+    _kill_group(proc)
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    _signal_group(proc, signal.SIGKILL)
+    if not _reap(proc, _STOP_GRACE_S):  # SIGKILL cannot be ignored: only a process stuck in the kernel
+        log.warning("the llama.cpp server (pid %d) did not die on SIGKILL; leaving it to the system", proc.pid)
+
+
+def _signal_group(proc: subprocess.Popen, sig: int) -> None:
+    # Only while unreaped: the group leader's pid, hence the group id, is still ours.
+    if proc.returncode is None:
         with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+            os.killpg(proc.pid, sig)
+
+
+def _reap(proc: subprocess.Popen, timeout: float = 0.0) -> bool:
+    """True once ``proc`` has exited (reaping it, setting ``returncode``), waiting up to ``timeout`` s.
+
+    Not ``Popen.poll()``/``wait()``: a KeyboardInterrupt, or the SIGTERM handler's SystemExit, that
+    lands in ``poll()`` just after it takes Popen's internal waitpid lock leaves that lock held, and
+    every later ``wait()`` then blocks forever: a Ctrl-C while the model loads could hang the stage.
+    """
+    deadline = time.monotonic() + timeout
+    while proc.returncode is None:
+        try:
+            pid, status = os.waitpid(proc.pid, os.WNOHANG)
+        except ChildProcessError:  # reaped already (an interrupt between waitpid and the assignment)
+            return True
+        if pid == proc.pid:
+            proc.returncode = os.waitstatus_to_exitcode(status)
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.02)
+    return True
 
 
 # --------------------------------------------------------------------------- the extractor
