@@ -73,6 +73,12 @@ def _dvc_status(args) -> dict:
     return benchmark(n_files=args.n)
 
 
+def _import(args) -> dict:
+    from medfilip.benchmarks.import_rate import benchmark
+
+    return benchmark(n_studies=args.n)
+
+
 def _train(args) -> dict:
     from medfilip.config import load_params
     from medfilip.train_bench import bench_params, benchmark
@@ -85,7 +91,7 @@ def _train(args) -> dict:
 
 BENCHMARKS: dict[str, Callable] = {
     "phantom": _phantom, "pixels": _pixels, "extract": _extract, "embed": _embed, "train": _train,
-    "vocab": _vocab, "audit": _audit, "dvc-status": _dvc_status,
+    "vocab": _vocab, "audit": _audit, "dvc-status": _dvc_status, "import": _import,
     "normalize": _normalize, "explain": _normalize,  # finding rows/s (normalize; explain adds build_labels)
 }
 

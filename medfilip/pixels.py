@@ -120,11 +120,34 @@ def _decode_pil(
     return img, (height, width)
 
 
+class DicomDecoderMissing(UserError, ImportError):
+    """A DICOM file needs a package that is not installed: an environment problem, never a per-image skip."""
+
+
+# Compressed transfer syntaxes pydicom decodes only through a plugin -> what to pip install.
+_JPEG_PLUGIN = "pylibjpeg pylibjpeg-libjpeg"
+_J2K_PLUGIN = "pylibjpeg pylibjpeg-openjpeg"
+_DICOM_PLUGINS = {
+    "1.2.840.10008.1.2.4.50": _JPEG_PLUGIN,  # JPEG Baseline (8-bit)
+    "1.2.840.10008.1.2.4.51": _JPEG_PLUGIN,  # JPEG Extended (12-bit)
+    "1.2.840.10008.1.2.4.57": _JPEG_PLUGIN,  # JPEG Lossless
+    "1.2.840.10008.1.2.4.70": _JPEG_PLUGIN,  # JPEG Lossless SV1: the usual lossless CR/DX archive format
+    "1.2.840.10008.1.2.4.80": _JPEG_PLUGIN,  # JPEG-LS Lossless
+    "1.2.840.10008.1.2.4.81": _JPEG_PLUGIN,  # JPEG-LS Near-Lossless
+    "1.2.840.10008.1.2.4.90": _J2K_PLUGIN,  # JPEG 2000 Lossless
+    "1.2.840.10008.1.2.4.91": _J2K_PLUGIN,  # JPEG 2000
+    "1.2.840.10008.1.2.4.201": _J2K_PLUGIN,  # HTJ2K Lossless
+    "1.2.840.10008.1.2.4.202": _J2K_PLUGIN,  # HTJ2K Lossless RPCL
+    "1.2.840.10008.1.2.4.203": _J2K_PLUGIN,  # HTJ2K
+    "1.2.840.10008.1.2.5": "pylibjpeg pylibjpeg-rle",  # RLE Lossless: pydicom decodes it natively too
+}
+
+
 def _decode_dicom(fh: BinaryIO, path: Path, has_magic: bool) -> np.ndarray:
     try:
         import pydicom
     except ImportError as exc:
-        raise ImportError(
+        raise DicomDecoderMissing(
             f"{path} is a DICOM file and reading it needs pydicom: "
             "pip install 'medfilip[dicom]'"
         ) from exc
@@ -143,11 +166,13 @@ def _decode_dicom(fh: BinaryIO, path: Path, has_magic: bool) -> np.ndarray:
             f"{path}: multi-frame DICOM ({n_frames} frames) is not a single radiograph; "
             "export the frame you want as its own file"
         )
+    _require_pixel_decoder(ds, path)
     arr = ds.pixel_array
     if int(getattr(ds, "SamplesPerPixel", 1)) > 1:  # colour (pydicom returns RGB)
         lum = arr[..., :3] @ _LUMA
         return np.rint(lum).astype(np.uint8) if arr.dtype == np.uint8 else lum.astype(np.float32)
 
+    arr = _stored_values(arr, ds)
     values = np.asarray(apply_modality_lut(arr, ds), dtype=np.float64)  # Rescale Slope/Intercept
     invert = str(getattr(ds, "PhotometricInterpretation", "")).upper() == "MONOCHROME1"
 
@@ -165,16 +190,79 @@ def _decode_dicom(fh: BinaryIO, path: Path, has_magic: bool) -> np.ndarray:
         unit = (out - lo) / (hi - lo) if hi > lo else np.zeros_like(out)
     elif "WindowCenter" in ds and "WindowWidth" in ds:
         center, width = _first(ds.WindowCenter), _first(ds.WindowWidth)
-        function = str(getattr(ds, "VOILUTFunction", "LINEAR") or "LINEAR").upper()
+        # VOI LUT Function (0028,1056): LINEAR by default, or LINEAR_EXACT / SIGMOID (PS3.3 C.11.2.1.3).
+        function = str(getattr(ds, "VOILUTFunction", "LINEAR") or "LINEAR").strip().upper()
+        if function not in ("LINEAR", "LINEAR_EXACT", "SIGMOID"):
+            function = "LINEAR"  # an unknown function name: the standard's default
         if width > 0 and not (function == "LINEAR" and width < 1):
             unit = window_unit(values, center, width, function)
     if unit is None:
+        if arr.dtype == np.uint8 and int(getattr(ds, "BitsStored", 8)) == 8 and np.array_equal(values, arr):
+            # 8 full bits, no rescale, no window (SIIM's JPEGs): display-ready, like an 8-bit PNG.
+            return 255 - arr if invert else arr
         # No usable display window: keep the raw values for the percentile window.
         if invert:
             values = values.max() + values.min() - values
         return values.astype(np.float32)
     u8 = np.rint(np.clip(unit, 0.0, 1.0) * 255.0).astype(np.uint8)
     return 255 - u8 if invert else u8
+
+
+def _require_pixel_decoder(ds: Any, path: Path) -> None:
+    """Fail with an install hint when the file's compression needs a pydicom plugin that is missing."""
+    from pydicom.uid import UID
+
+    meta = getattr(ds, "file_meta", None)
+    syntax = getattr(meta, "TransferSyntaxUID", None)
+    if syntax is None:
+        return  # read without a file meta header: implicit little endian, never compressed
+    syntax = UID(str(syntax))
+    try:
+        compressed = syntax.is_compressed
+    except ValueError:  # not a transfer syntax pydicom knows (private, or a broken header)
+        raise PixelError(f"{path}: unknown transfer syntax {syntax}; convert the file to a standard one "
+                         "(e.g. gdcmconv --raw)") from None
+    if not compressed or _can_decode(syntax):
+        return
+    package = _DICOM_PLUGINS.get(str(syntax))
+    hint = f"pip install {package}" if package else "convert it to an uncompressed syntax (e.g. gdcmconv --raw)"
+    raise DicomDecoderMissing(
+        f"{path} is compressed with {syntax.name} (transfer syntax {syntax}), which the installed "
+        f"pydicom cannot decode: {hint}"
+    )
+
+
+def _can_decode(syntax: Any) -> bool:
+    """Whether an installed pydicom decoder (native or plugin) handles ``syntax``."""
+    try:
+        from pydicom.pixels import get_decoder  # pydicom >= 3
+    except ImportError:  # pydicom 2.x: the handler list
+        from pydicom import config
+
+        return any(h.supports_transfer_syntax(syntax) and h.is_available() for h in config.pixel_data_handlers)
+    try:
+        return bool(get_decoder(syntax).is_available)
+    except NotImplementedError:  # pydicom has no decoder for this syntax at all (e.g. MPEG video)
+        return False
+
+
+def _stored_values(arr: np.ndarray, ds: Any) -> np.ndarray:
+    """Keep only the Bits Stored low bits of each pixel, sign-extended when Pixel Representation is 1.
+
+    A 12-bit image in 16-bit words may carry overlay or garbage bits above bit 11, and a signed
+    one its sign at bit 11 (PS3.5 8.1.1); pydicom 3 already does this, pydicom 2 does not.
+    Idempotent: already-clean values pass unchanged.
+    """
+    if arr.dtype.kind not in "iu":
+        return arr
+    bits = int(getattr(ds, "BitsStored", 0) or 0)
+    if not 0 < bits < arr.dtype.itemsize * 8:
+        return arr
+    low = arr.astype(np.int64) & ((1 << bits) - 1)
+    if int(getattr(ds, "PixelRepresentation", 0) or 0) != 1:
+        return low.astype(arr.dtype)
+    sign = 1 << (bits - 1)
+    return ((low ^ sign) - sign).astype(np.int32)  # two's complement of a bits-wide number
 
 
 def _first(value: Any) -> float:

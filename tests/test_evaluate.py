@@ -64,7 +64,8 @@ def test_a_dataset_reference_is_normal_only_where_it_says_so(tmp_path):
     pq.write_table(nih, tmp_path / "reference.parquet")
     assert truth_classes(tmp_path, CLASSES) == ["pneumothorax", "no finding"]
     t = load_truth(tmp_path, tmp_path, CLASSES, uncertain="positive")
-    assert t.labels[:, t.column("no finding")].tolist() == [False, False, True]  # s2 has no label: not normal
+    assert t.labels[:, t.column("no finding")].tolist() == [False, False, True]
+    assert t.known.all(axis=1).tolist() == [True, False, True]  # s2 has no label at all: unknown, not negative
 
 
 def test_multilabel_report_matches_sklearn_and_picks_thresholds_on_val():

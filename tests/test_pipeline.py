@@ -38,7 +38,10 @@ def project(tmp_path_factory):
 def test_repro_runs_every_stage_and_writes_contracts(project):
     root, first = project
     assert {"synthesize", "ingest", "pixels", "extract", "normalize", "explain", "embed", "train",
-            "evaluate", "score"} <= ran_stages(first)
+            "evaluate", "score", "phantom-nih14", "evaluate-extra@phantom-nih14"} <= ran_stages(first)
+    # The trained model, scored on an evaluation set imported through a real importer (nih14 layout).
+    nih = json.loads((root / "reports/eval/phantom-nih14/zeroshot.json").read_text())
+    assert nih["truth_source"] == "reference.parquet" and nih["n_images"] > 0 and "no finding" in nih["classes"]
     studies = pq.read_table(root / "data/interim/studies.parquet")
     images = pq.read_table(root / "data/interim/images.parquet")
     assert {"study_id", "patient_id", "split", "report", "findings", "impression"} <= set(studies.column_names)
@@ -118,7 +121,7 @@ def test_changing_pixels_params_reruns_only_pixels(project):
     text = (root / "params.yaml").read_text().replace("image_size: 48", "image_size: 40")
     (root / "params.yaml").write_text(text)
     proc = dvc(["repro"], root)
-    assert ran_stages(proc) == {"pixels", "train", "evaluate"}, proc.stdout
+    assert ran_stages(proc) == {"pixels", "train", "evaluate", "evaluate-extra@phantom-nih14"}, proc.stdout
 
 
 @pytest.mark.slow
@@ -127,7 +130,7 @@ def test_changing_explain_mode_reruns_explain_and_embed_only(project):
     text = (root / "params.yaml").read_text()
     (root / "params.yaml").write_text(text.replace("mode: triplet_explanation", "mode: triplet"))
     proc = dvc(["repro"], root)
-    assert ran_stages(proc) == {"explain", "embed", "train", "evaluate"}, proc.stdout
+    assert ran_stages(proc) == {"explain", "embed", "train", "evaluate", "evaluate-extra@phantom-nih14"}, proc.stdout
     embed = json.loads((root / "reports/embed.json").read_text())
     assert embed["n_embedded"] == embed["n_texts"] > 0  # new texts, new vectors
     (root / "params.yaml").write_text(text)
@@ -145,7 +148,7 @@ def test_changing_llm_reruns_extract_only_and_swapping_back_is_cached(project):
     proc = dvc(["repro"], root)
     # extract and what depends on it, and the extraction score; nothing upstream (ingest, pixels, synthesize).
     assert {"extract", "score"} <= ran_stages(proc) <= {"extract", "normalize", "explain", "embed", "train",
-                                                          "evaluate", "score"}, proc.stdout
+                                                          "evaluate", "evaluate-extra@phantom-nih14", "score"}, proc.stdout
     alt = json.loads((root / "reports/extract.json").read_text())
     assert alt["llm_calls"] > 0 and alt["cache_hits"] == 0  # a new model is a new cache key
     models = set(pq.read_table(root / "data/interim/triplets_raw.parquet").column("model").to_pylist())

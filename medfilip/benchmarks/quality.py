@@ -27,20 +27,17 @@ import json
 import re
 import time
 from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Literal, Sequence
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-import yaml
 
-from medfilip.errors import UserError
+# The mapping ingest uses for Open-i's reference labels (one copy; re-exported for the tests).
+from medfilip.data.mesh import DEFAULT_MESH_MAP, NO_FINDING, MeshMapError, load_mesh_map, map_mesh_term  # noqa: F401
 from medfilip.extract.schema import Finding
 from medfilip.vocab import SIDES, Vocabulary, load_vocabulary, normalize_text
 
-DEFAULT_MESH_MAP = Path(__file__).resolve().parents[2] / "data" / "knowledge" / "mesh_map.yaml"
-NO_FINDING = "no finding"
 HALVES = ("tuning", "held_out")
 SPLIT_RULE = "lowest bit of SHA-256(UTF-8 study_id): 0 -> tuning, 1 -> held_out"
 
@@ -53,110 +50,6 @@ PRED_SCHEMA = pa.schema([
     ("location", pa.string()), ("negated", pa.bool_()), ("uncertain", pa.bool_()),
     ("evidence", pa.string()),
 ])
-
-
-class MeshMapError(UserError, ValueError):
-    """A malformed MeSH map (names the file and the heading)."""
-
-
-# --------------------------------------------------------------------------- MeSH -> categories
-
-
-@dataclass(frozen=True)
-class MeshRule:
-    default: str | None
-    has_default: bool  # False: the heading only maps through its qualifiers
-    when: tuple[tuple[str, str | None], ...]
-
-
-@dataclass(frozen=True)
-class MeshMap:
-    path: Path
-    normal: frozenset[str]
-    unusable: frozenset[str]
-    terms: dict[str, MeshRule]  # lower-case heading -> rule
-
-    @property
-    def categories(self) -> frozenset[str]:
-        """Every category a MeSH tag can become: the label space of the Open-i reference."""
-        out = set()
-        for rule in self.terms.values():
-            out.update(c for c in (rule.default, *(c for _, c in rule.when)) if c)
-        return frozenset(out)
-
-
-def _heading_key(text: str) -> str:
-    return " ".join(text.split()).lower()
-
-
-def load_mesh_map(path: str | Path = DEFAULT_MESH_MAP, vocabulary: Vocabulary | None = None) -> MeshMap:
-    """Read and check the MeSH map; every category it names must be in the vocabulary."""
-    path = Path(path)
-    vocabulary = vocabulary or load_vocabulary()
-    if not path.exists():
-        raise MeshMapError(f"{path}: MeSH map not found (the default ships under data/knowledge/)")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise MeshMapError(f"{path}: not valid YAML: {exc}") from None
-
-    def check(category: Any, where: str) -> str | None:
-        if category is not None and category not in vocabulary.info:
-            raise MeshMapError(f"{path}: {where}: '{category}' is not a category of {vocabulary.path}")
-        return category
-
-    terms: dict[str, MeshRule] = {}
-    for heading, spec in (data.get("terms") or {}).items():
-        where = f"terms.{heading}"
-        if spec is None or isinstance(spec, str):
-            rule = MeshRule(check(spec, where), True, ())
-        elif isinstance(spec, dict) and set(spec) <= {"category", "when"}:
-            when = spec.get("when") or {}
-            if not isinstance(when, dict):
-                raise MeshMapError(f"{path}: {where}.when must map qualifier -> category")
-            rule = MeshRule(check(spec.get("category"), f"{where}.category"), "category" in spec,
-                            tuple((_heading_key(str(q)), check(c, f"{where}.when.{q}")) for q, c in when.items()))
-        else:
-            raise MeshMapError(f"{path}: {where} must be a category, null, or {{category, when}}")
-        key = _heading_key(str(heading))
-        if key in terms:
-            raise MeshMapError(f"{path}: {where} is listed twice (headings are case-insensitive)")
-        terms[key] = rule
-    return MeshMap(path, frozenset(_heading_key(t) for t in data.get("normal") or ()),
-                   frozenset(_heading_key(t) for t in data.get("unusable") or ()), terms)
-
-
-@dataclass(frozen=True)
-class MeshFinding:
-    kind: Literal["finding", "normal", "ignored", "unusable", "unmapped"]
-    category: str | None = None
-    severity: str | None = None
-    location: str | None = None
-
-
-def map_mesh_term(term: str, mesh_map: MeshMap, vocabulary: Vocabulary) -> MeshFinding:
-    """One MeSH tag -> a finding (category, severity, location) or why it is not one."""
-    heading, *qualifiers = [_heading_key(p) for p in term.split("/")]
-    qualifiers = [q for q in qualifiers if q]
-    if heading in mesh_map.normal:
-        return MeshFinding("normal")
-    if heading in mesh_map.unusable:
-        return MeshFinding("unusable")
-    rule = mesh_map.terms.get(heading)
-    if rule is None:
-        return MeshFinding("unmapped")
-    for qualifier, category in rule.when:
-        if qualifier in qualifiers:
-            break
-    else:
-        if not rule.has_default:
-            return MeshFinding("unmapped")
-        category = rule.default
-    if category is None:
-        return MeshFinding("ignored")
-    words = " ".join(qualifiers)
-    return MeshFinding("finding", category, vocabulary.severity_of(words, category),
-                       vocabulary.location_of(words, category))
 
 
 def openi_truth(reports: Sequence[Any], mesh_map_path: str | Path = DEFAULT_MESH_MAP,

@@ -41,19 +41,27 @@ FILE_SCHEMA = pa.schema(
 _STAT_THREADS = 16  # stat() is I/O-bound: on network storage a pool hides its latency
 
 
-def _stat(path: str) -> tuple[int, int] | tuple[None, None]:
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None, None
-    return st.st_size, st.st_mtime_ns
+_STAT_BATCH = 2048  # paths per pool task: a future per file would cost more than its stat
+
+
+def _stat_batch(paths: list[str]) -> list[tuple[int, int] | tuple[None, None]]:
+    out: list = []
+    for path in paths:
+        try:
+            st = os.stat(path)
+        except OSError:
+            out.append((None, None))
+        else:
+            out.append((st.st_size, st.st_mtime_ns))
+    return out
 
 
 def image_files(images: pa.Table, threads: int = _STAT_THREADS) -> pa.Table:
     """The cheap fingerprint of the image files: (image_id, path, bytes, mtime_ns), one stat each."""
     paths = images.column("path").to_pylist()
+    batches = [paths[i:i + _STAT_BATCH] for i in range(0, len(paths), _STAT_BATCH)]
     with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
-        stats = list(pool.map(_stat, paths, chunksize=1024))
+        stats = [st for batch in pool.map(_stat_batch, batches) for st in batch]
     return pa.table(
         {
             "image_id": images.column("image_id"),

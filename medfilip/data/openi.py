@@ -17,6 +17,7 @@ import tarfile
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 from medfilip.errors import UserError
 from medfilip.packaged import package_dirs, package_file
@@ -42,6 +43,9 @@ class OpenIReport:
     mesh_major: tuple[str, ...]
     mesh_automatic: tuple[str, ...]
     image_ids: tuple[str, ...]
+    # The <caption> of each parentImage, aligned with image_ids (None where it has none). Open-i's
+    # captions name the examination ("Xray Chest PA and Lateral"), rarely the image's own view.
+    image_captions: tuple[str | None, ...] = ()
 
     @property
     def text(self) -> str:
@@ -52,6 +56,14 @@ class OpenIReport:
         if self.impression:
             parts.append(f"IMPRESSION: {self.impression}")
         return "\n\n".join(parts)
+
+    @property
+    def full_text(self) -> str:
+        """The whole report, one headed line per section (COMPARISON, INDICATION, FINDINGS,
+        IMPRESSION), so :mod:`medfilip.data.sections` finds FINDINGS and IMPRESSION; '' if all are empty."""
+        sections = (("COMPARISON", self.comparison), ("INDICATION", self.indication),
+                    ("FINDINGS", self.findings), ("IMPRESSION", self.impression))
+        return "\n".join(f"{name}: {body}" for name, body in sections if body)
 
 
 def locate_openi_archive() -> Path:
@@ -93,7 +105,9 @@ def parse_openi_xml(data: bytes | str, name: str = "<xml>") -> OpenIReport:
     mesh = root.find("MeSH")
     major = tuple(t for t in (_clean(el.text) for el in mesh.iter("major")) if t) if mesh is not None else ()
     auto = tuple(t for t in (_clean(el.text) for el in mesh.iter("automatic")) if t) if mesh is not None else ()
-    images = tuple(el.get("id") for el in root.iter("parentImage") if el.get("id"))
+    parents = [el for el in root.iter("parentImage") if el.get("id")]
+    images = tuple(el.get("id") for el in parents)
+    captions = tuple(_clean(el.findtext("caption")) for el in parents)
     stem = Path(name).stem
     if not uid:
         raise OpenIError(f"{name}: report has no <uId id=...>")
@@ -107,12 +121,27 @@ def parse_openi_xml(data: bytes | str, name: str = "<xml>") -> OpenIReport:
         mesh_major=major,
         mesh_automatic=auto,
         image_ids=images,
+        image_captions=captions,
     )
 
 
 def _number(name: str) -> tuple[int, str]:
     m = re.search(r"(\d+)\.xml$", name)
     return (int(m.group(1)) if m else 1 << 30, name)
+
+
+def iter_openi_folder(folder: str | Path) -> Iterator[tuple[Path, OpenIReport]]:
+    """(file, report) for every ``*.xml`` of an unpacked ``ecgen-radiology`` folder, in file-number order."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise OpenIError(f"{folder}: Open-i report folder not found (unpack NLMCXR_reports.tgz there)")
+    for path in sorted(folder.glob("*.xml"), key=lambda p: _number(p.name)):
+        yield path, parse_openi_xml(path.read_bytes(), str(path))
+
+
+def read_openi_folder(folder: str | Path) -> list[OpenIReport]:
+    """Every report of an unpacked ``ecgen-radiology`` folder, in file-number order."""
+    return [report for _, report in iter_openi_folder(folder)]
 
 
 def read_openi_reports(path: str | Path | None = None) -> list[OpenIReport]:

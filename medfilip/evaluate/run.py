@@ -85,7 +85,7 @@ def evaluate_dataset(params: Params, model_dir: Path, out: Path, *, interim: Pat
     truth = load_truth(interim, processed, seen + unseen_all, uncertain=params.train.uncertain)
     unseen = [c for c in unseen_all if truth.labels[:, truth.column(c)].any()]
 
-    ok = store.ok
+    ok = store.ok & truth.known.any(axis=1)  # an image its dataset never labelled is not scored at all
     split_rows = {s: np.flatnonzero((truth.split == s) & ok) for s in ("train", "val", ep.split)}
     rows, val_rows = split_rows[ep.split], split_rows["val"]
     if not len(rows):

@@ -69,11 +69,13 @@ def build_truth(images: pa.Table, studies: pa.Table, findings: pa.Table, classes
     has_finding = np.zeros(n, dtype=bool)
     names = findings.column_names
     for row in findings.to_pylist():
-        if row.get("negated") if "negated" in names else False:
-            continue  # a negated finding is never a positive
         rows = rows_of_study.get(row["study_id"], [])
         if not rows:
             continue
+        if row.get("negated") if "negated" in names else False:
+            if row["category"] == NORMAL:
+                has_finding[rows] = True  # the dataset says "not normal" without naming a finding (RSNA)
+            continue  # a negated finding is never a positive
         has_finding[rows] = True
         j = col.get(row["category"])
         if j is None:
@@ -90,6 +92,13 @@ def build_truth(images: pa.Table, studies: pa.Table, findings: pa.Table, classes
                 severity[(r, classes[j])] = row["severity"]
     if NORMAL in col and derive_normal:
         labels[~has_finding, col[NORMAL]] = True
+    if not derive_normal:
+        # A dataset that states "no finding" labels every study it read; a study with no row at
+        # all was not read (Open-i "No Indexing", an unmapped tag): unknown, never a negative.
+        labelled = set(findings.column("study_id").to_pylist())
+        for s, rows in rows_of_study.items():
+            if s not in labelled:
+                known[rows, :] = False
     labels &= known
     return Truth(image_ids=image_ids, study_ids=image_study,
                  split=np.array([study_split.get(s) for s in image_study], dtype=object),

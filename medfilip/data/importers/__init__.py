@@ -42,6 +42,34 @@ def reference_table(rows: list[dict]) -> pa.Table:
     return pa.Table.from_pylist(full, schema=REFERENCE_SCHEMA)
 
 
+# Region annotations of an image (ImportedDataset.masks), one row per region: a box (x, y, w, h in
+# pixels of the original image) or a run-length-encoded mask (rle over height x width, in the
+# rle_format the source documents). ``label`` is our vocabulary category (null where the dataset's
+# label has none), ``source_label`` the dataset's own name; ``rad_id`` the reader, where known.
+MASK_SCHEMA = pa.schema([
+    ("image_id", pa.string()),
+    ("label", pa.string()),
+    ("source_label", pa.string()),
+    ("kind", pa.string()),  # box | rle
+    ("x", pa.float64()),
+    ("y", pa.float64()),
+    ("w", pa.float64()),
+    ("h", pa.float64()),
+    ("rle", pa.string()),
+    ("rle_format", pa.string()),
+    ("height", pa.int32()),
+    ("width", pa.int32()),
+    ("rad_id", pa.string()),
+])
+
+
+def mask_table(columns: dict) -> pa.Table:
+    """Columns (a subset of :data:`MASK_SCHEMA`, equal lengths) -> a masks table; the rest are null."""
+    n = len(next(iter(columns.values()))) if columns else 0
+    return pa.table({f.name: columns[f.name] if f.name in columns else pa.nulls(n, f.type) for f in MASK_SCHEMA},
+                    schema=MASK_SCHEMA)
+
+
 @dataclass
 class ImportedDataset:
     studies: pa.Table  # study_id, patient_id, report, [split]
