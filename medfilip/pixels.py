@@ -39,6 +39,7 @@ from medfilip.config import PixelsParams
 from medfilip.errors import UserError
 
 PIXELS_FILE = "pixels.npy"  # the single-file store of earlier versions (still readable)
+FINGERPRINT_SUFFIX = ".fingerprint"  # beside each shard: the digest of its files' sizes and mtimes
 SHARD_PREFIX = "pixels-"  # pixels-00000.npy + pixels-00000.parquet (that shard's index part)
 INDEX_FILE = "index.parquet"
 # Fixed (not per-process) names so a killed run's leftovers are overwritten, not piled up.
@@ -408,7 +409,10 @@ def build_pixel_store(
 
     ``files`` is ingest's fingerprint of the image files (``image_files.parquet``: bytes and
     mtime_ns per row, in ``images`` order). Given it, a shard is also rebuilt when one of its
-    files changed size or mtime since the shard was built, and only that shard.
+    files changed size or mtime since the shard was built, and only that shard. The digest a
+    shard was built from sits beside it (``pixels-0000k.fingerprint``, in ``.dvcignore``): mtimes
+    are this machine's, so they stay out of what DVC hashes and the store is byte-identical
+    wherever it is built.
     """
     start = time.perf_counter()
     out_dir = Path(out_dir)
@@ -431,13 +435,20 @@ def build_pixel_store(
     with _decoder(params.workers, n) as decode:
         for k in range(n_shards):
             lo, hi = k * per_shard, min(n, (k + 1) * per_shard)
-            shard_key = key if files is None else f"{key}-{_files_digest(files, lo, hi)}"
-            part = _finished_shard(out_dir, k, shard_key, image_ids[lo:hi], paths[lo:hi], size)
+            fingerprint = out_dir / (shard_name(k)[:-4] + FINGERPRINT_SUFFIX)
+            digest = None if files is None else _files_digest(files, lo, hi)
+            part = _finished_shard(out_dir, k, key, image_ids[lo:hi], paths[lo:hi], size)
+            if part is not None and digest is not None and (
+                    not fingerprint.is_file() or fingerprint.read_text() != digest):
+                part = None  # a file changed since (or no record of what the shard was built from)
             if part is not None:
                 reused += 1
             else:
-                part = _write_shard(out_dir, k, shard_key, lo, image_ids[lo:hi], study_ids[lo:hi], paths[lo:hi],
+                fingerprint.unlink(missing_ok=True)
+                part = _write_shard(out_dir, k, key, lo, image_ids[lo:hi], study_ids[lo:hi], paths[lo:hi],
                                     resolved[lo:hi], size, params.on_error, decode, progress)
+                if digest is not None:
+                    fingerprint.write_text(digest)
             parts.append(part)
 
     shard_col = pa.array(np.arange(n, dtype=np.int64) // per_shard)

@@ -487,3 +487,28 @@ def test_a_changed_image_file_rebuilds_only_its_shard(tmp_path):
         build_pixel_store(absolute, tmp_path / "store", params, files=image_files(absolute))
     assert written == [1]
     assert PixelStore.open(tmp_path / "store").array[2].min() == 255
+
+
+def test_the_store_does_not_depend_on_this_machines_mtimes(tmp_path):
+    """Two builds from the same images with different mtimes: identical shards and index parts (what DVC
+    hashes); only the .dvcignore'd fingerprint records differ."""
+    import os
+
+    from medfilip.data.ingest import image_files
+
+    table = _write_pngs(tmp_path, [(20, 12), (9, 17), (16, 16)])
+    absolute = table.set_column(2, "path", pa.array([str(tmp_path / p) for p in table.column("path").to_pylist()]))
+    params = PixelsParams(image_size=16, shard_images=2)
+    build_pixel_store(absolute, tmp_path / "a", params, files=image_files(absolute))
+    for p in absolute.column("path").to_pylist():
+        os.utime(p, ns=(2_000_000_000, 2_000_000_000))
+    build_pixel_store(absolute, tmp_path / "b", params, files=image_files(absolute))
+    hashed = sorted(p.name for p in (tmp_path / "a").iterdir() if not p.name.endswith(".fingerprint"))
+    assert hashed == sorted(p.name for p in (tmp_path / "b").iterdir() if not p.name.endswith(".fingerprint"))
+    for name in hashed:
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+    fingerprints = sorted(p.name for p in (tmp_path / "a").glob("*.fingerprint"))
+    assert fingerprints == ["pixels-00000.fingerprint", "pixels-00001.fingerprint"]
+    assert (tmp_path / "a" / fingerprints[0]).read_text() != (tmp_path / "b" / fingerprints[0]).read_text()
+    dvcignore = (Path(__file__).resolve().parents[1] / ".dvcignore").read_text().splitlines()
+    assert "pixels-*.fingerprint" in dvcignore
