@@ -302,6 +302,17 @@ def _square(img: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------- save / load
 
 
+def _portable(cfg: dict) -> dict:
+    """The config without where this machine keeps the towers' weights: transformers records the
+    folder a tower was read from (``_name_or_path``, e.g. a venv's site-packages); the name the
+    params gave is kept instead, so a model saved anywhere from the same run is byte-identical."""
+    for tower, name in (("image_hf_config", cfg.get("image_encoder")), ("text_hf_config", cfg.get("text_encoder"))):
+        hf = cfg.get(tower)
+        if isinstance(hf, dict) and "_name_or_path" in hf:
+            cfg[tower] = {**hf, "_name_or_path": name if hf["_name_or_path"] else ""}
+    return cfg
+
+
 def save(model: MedFILIP, path: str | Path, tokenizer=None) -> Path:
     """Write ``model.safetensors`` + ``config.json`` (+ the tokenizer) into the directory ``path``."""
     from safetensors.torch import save_file
@@ -314,7 +325,7 @@ def save(model: MedFILIP, path: str | Path, tokenizer=None) -> Path:
     tmp = path / (WEIGHTS_FILE + ".tmp")
     save_file(state, str(tmp), metadata={"format": "pt"})
     tmp.replace(path / WEIGHTS_FILE)
-    (path / CONFIG_FILE).write_text(json.dumps({"medfilip": dataclasses.asdict(model.cfg)}, indent=2) + "\n")
+    (path / CONFIG_FILE).write_text(json.dumps({"medfilip": _portable(dataclasses.asdict(model.cfg))}, indent=2) + "\n")
     if tokenizer is not None:
         tokenizer.save_pretrained(path / TOKENIZER_DIR)
     return path

