@@ -44,7 +44,7 @@ class OpenIReport:
     mesh_automatic: tuple[str, ...]
     image_ids: tuple[str, ...]
     # The <caption> of each parentImage, aligned with image_ids (None where it has none). Open-i's
-    # captions name the examination ("Xray Chest PA and Lateral"), rarely the image's own view.
+    # captions name the examination ("Radiograph chest PA and lateral"), rarely the image's own view.
     image_captions: tuple[str | None, ...] = ()
 
     @property

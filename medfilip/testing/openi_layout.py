@@ -35,7 +35,7 @@ class OpenIStudy:
     mesh_major: tuple[str, ...] = ()
     mesh_automatic: tuple[str, ...] = ()
     images: tuple[str, ...] = ()
-    caption: str | None = "Xray Chest PA and Lateral"
+    caption: str | None = "Radiograph chest PA and lateral"
 
 
 # What each study exercises: a normal pair, tagged findings, a report without images, a

@@ -101,7 +101,7 @@ SOURCES = {
 
 
 def get_importer(source: str) -> Importer:
-    """The importer for ``data.source``; a clear error for a source not built yet."""
+    """The importer for ``data.source``; a clear error for a source there is no importer for."""
     import importlib
 
     if source not in SOURCES:
@@ -109,11 +109,4 @@ def get_importer(source: str) -> Importer:
             f"data.source '{source}' has no importer (available: {', '.join(sorted(SOURCES))}); "
             "export your dataset as a CSV/Parquet and use data.source: manifest"
         )
-    try:
-        module = importlib.import_module(f"medfilip.data.importers.{SOURCES[source]}")
-    except ModuleNotFoundError as exc:
-        if exc.name != f"medfilip.data.importers.{SOURCES[source]}":
-            raise
-        raise DatasetError(f"data.source '{source}' has no importer yet; export the dataset as a CSV/Parquet "
-                           "and use data.source: manifest") from None
-    return module.load
+    return importlib.import_module(f"medfilip.data.importers.{SOURCES[source]}").load

@@ -40,7 +40,7 @@ IMAGES_DIR = "NLMCXR_png"
 IMAGE_SUFFIX = ".png"
 _TOP_TERMS = 25  # unmapped MeSH tags listed in the notes
 
-# Captions name the examination ("Xray Chest PA and Lateral"), shared by all its images, so a
+# Captions name the examination ("Radiograph chest PA and lateral"), shared by all its images, so a
 # view is only taken from a caption that names exactly one view and no second image.
 _VIEW_NAMES = {
     "PA": re.compile(r"\bpa\b|\bpostero-?anterior\b"),
