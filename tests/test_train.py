@@ -175,3 +175,104 @@ def test_a_changed_input_or_code_file_never_resumes_an_old_run(tmp_path):
     assert run_key(TrainParams(workers=7, progress=False), input_fingerprint([code]), 1) == \
         run_key(TrainParams(), input_fingerprint([code]), 1)
     assert run_key(TrainParams(lr=0.5), input_fingerprint([code]), 1) != run_key(TrainParams(), input_fingerprint([code]), 1)
+
+
+# The demo configuration users run (params.yaml: 2 persistent DataLoader workers, augmentation on),
+# only smaller: a resume after `kill -9` must end with the weights of an uninterrupted run.
+USERS_RUN = {
+    "phantom.n_patients": 60,
+    "phantom.image_size": 96,
+    "phantom.workers": 1,
+    "pixels.image_size": 48,
+    "pixels.workers": 1,
+    "train.epochs": 3,
+    "train.batch_size": 16,
+    "train.image_size": 48,
+    "train.embed_dim": 64,
+    "train.progress": False,
+    "train.workers": 2,
+    "train.augment": True,
+}
+
+
+def _md5(path) -> str:
+    import hashlib
+
+    return hashlib.md5(path.read_bytes()).hexdigest()
+
+
+def _checkpoint(root):
+    """The run's checkpoint (path, state) under train.checkpoints, or (None, None) before the first one."""
+    found = sorted((root / "data/checkpoints").glob("*/last.pt"))
+    if not found:
+        return None, None
+    return found[0], torch.load(found[0], map_location="cpu", weights_only=False)
+
+
+@pytest.mark.slow
+def test_dvc_repro_killed_mid_run_resumes_to_the_same_weights(tmp_path):
+    import shutil
+    import signal
+    import time
+
+    from pipeline_project import ran_stages
+
+    straight_root = make_project(tmp_path / "straight", USERS_RUN)
+    dvc(["repro", "embed", "pixels"], straight_root)  # everything upstream of train, once
+    root = tmp_path / "killed"  # the same project and inputs: the same run key, its own checkpoints
+    shutil.copytree(straight_root, root, symlinks=True)
+    model = "data/models/medfilip/model.safetensors"
+    dvc(["repro", "train"], straight_root)
+    straight_md5 = _md5(straight_root / model)
+    _, straight = _checkpoint(straight_root)
+    assert straight["epoch"] == 3
+
+    model_file = root / model
+    log = open(tmp_path / "killed.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "dvc", "repro", "train"], cwd=root, env=env(),
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        # Kill once the checkpoint of epoch 1 or 2 is on disk: the process has moved on to the next epoch.
+        deadline, killed_after = time.monotonic() + 600, None
+        while time.monotonic() < deadline and proc.poll() is None:
+            _, state = _checkpoint(root)
+            if state is not None and 1 <= state["epoch"] < 3:
+                os.killpg(proc.pid, signal.SIGKILL)
+                killed_after = state["epoch"]
+                break
+            time.sleep(0.05)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        log.close()
+    assert killed_after is not None, (tmp_path / "killed.log").read_text()[-3000:]
+    _, state = _checkpoint(root)
+    assert state["epoch"] == killed_after and not model_file.exists()
+
+    rerun = dvc(["repro", "train"], root)
+    assert "train" in ran_stages(rerun)
+    summary = json.loads((root / "reports/train.json").read_text())
+    assert summary["resumed"] == killed_after and summary["finished"], summary
+    # The last epoch's weights (always trained after the resume), then the model file (the best val epoch's).
+    _, resumed = _checkpoint(root)
+    assert [e["loss"] for e in resumed["history"]] == [e["loss"] for e in straight["history"]]
+    assert straight["model"].keys() == resumed["model"].keys()
+    for key, value in straight["model"].items():
+        assert torch.equal(value, resumed["model"][key]), key
+    assert _md5(model_file) == straight_md5
+
+
+def test_augmentation_draws_from_its_own_generator_not_the_global_rng():
+    from medfilip.train import augment, augment_rng
+
+    x = torch.randn(4, 1, 16, 16)
+    torch.manual_seed(0)
+    first = augment(x, augment_rng(0, 0, 2, 5))
+    torch.manual_seed(1)
+    torch.rand(7)  # whatever else drew from the global RNG
+    state = torch.get_rng_state()
+    again = augment(x, augment_rng(0, 0, 2, 5))
+    assert torch.equal(first, again) and torch.equal(torch.get_rng_state(), state)
+    for other in (augment_rng(0, 0, 2, 6), augment_rng(0, 1, 2, 5), augment_rng(0, 0, 3, 5), augment_rng(1, 0, 2, 5)):
+        assert not torch.equal(augment(x, other), first)

@@ -21,7 +21,7 @@ from medfilip.evaluate.zeroshot import (SEVERITIES, fine_grained_report, image_e
 from medfilip.knowledge import knowledge_base
 from medfilip.model import MedFILIP, load
 from medfilip.pixels import PixelStore
-from medfilip.prompts import PROMPT_KINDS, class_prompts
+from medfilip.prompts import PROMPT_KINDS, class_prompts, finding_prompt
 from medfilip.reporting import write_json
 from medfilip.train import select_device
 from medfilip.vocab import load_vocabulary
@@ -121,15 +121,22 @@ def evaluate_dataset(params: Params, model_dir: Path, out: Path, *, interim: Pat
     single = {kind: single_label_report(s, truth, rows, seen) for kind, s in test_scores_by_kind.items()}
     write_json(out / "single_label.json", {"split": ep.split, "by_prompt": single})
 
+    # Severity prompts in the IKI form (headline) and in the style the model was trained on.
     graded = [c for c in seen if c != NORMAL and any(c == k[1] for k in truth.severity)]
-    fg_prompts = {(s, c): None for c in graded for s in SEVERITIES}
-    fg_params = dataclasses.replace(params.explain, mode="triplet_explanation")
-    from medfilip.explain import render_label
-    fg_texts = [render_label(c, s, None, False, fg_params, explanations) for (s, c) in fg_prompts]
-    fg_emb = text_embeddings(model, fg_texts) if fg_texts else np.zeros((0, model.cfg.embed_dim))
-    fine = fine_grained_report(emb[ep.split], truth, rows, graded,
-                               {k: fg_emb[i] for i, k in enumerate(fg_prompts)})
-    write_json(out / "fine_grained.json", {"split": ep.split, **fine})
+    fg_keys = [(s, c) for c in graded for s in SEVERITIES]
+    fine_by_kind = {}
+    for kind in ("explanation", "training"):
+        fg_texts = [finding_prompt(c, s, kind, explanations, params.explain) for (s, c) in fg_keys]
+        fg_emb = text_embeddings(model, fg_texts) if fg_texts else np.zeros((0, model.cfg.embed_dim))
+        fine_by_kind[kind] = fine_grained_report(emb[ep.split], truth, rows, graded,
+                                                 {k: fg_emb[i] for i, k in enumerate(fg_keys)},
+                                                 n_boot=ep.n_bootstrap, seed=ep.seed)
+        # category-mode prompts name no severity: the three options are one text, the task is moot
+        fine_by_kind[kind]["prompts_name_severity"] = len(set(fg_texts)) == len(fg_texts)
+        fine_by_kind[kind]["example_prompts"] = fg_texts[:3]
+    fine = fine_by_kind["explanation"]
+    write_json(out / "fine_grained.json", {"split": ep.split, "prompt": "explanation", **fine,
+                                           "by_prompt": fine_by_kind})
 
     unseen_json = unseen_report(unseen_scores, truth, rows, unseen) if unseen else {}
     # ARCHITECTURE.md: one entry per unseen class at the top level, beside the split it comes from.
@@ -177,6 +184,10 @@ def evaluate_dataset(params: Params, model_dir: Path, out: Path, *, interim: Pat
         "mean_auc": {k: r["mean_auc"] for k, r in reports.items()},
         "mean_auc_ci": {k: r["mean_auc_ci"] for k, r in reports.items()},
         "fine_grained_severity_accuracy": fine["severity_accuracy"],
+        "fine_grained_severity_accuracy_ci": fine["severity_accuracy_ci"],
+        "fine_grained_severity_accuracy_training": fine_by_kind["training"]["severity_accuracy"],
+        "fine_grained_severity_majority_baseline": fine["severity_majority_baseline"],
+        "retrieval_chance": retrieval["chance"],
         "unseen": unseen_json, "retrieval": {d: retrieval[d] for d in ("i2t", "t2i")},
     }
 

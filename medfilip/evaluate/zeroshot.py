@@ -122,7 +122,8 @@ def single_label_report(scores: np.ndarray, truth: Truth, rows: np.ndarray, clas
 
 
 def fine_grained_report(image_emb: np.ndarray, truth: Truth, rows: np.ndarray, classes: Sequence[str],
-                        prompt_emb: Mapping[tuple[str, str], np.ndarray]) -> dict:
+                        prompt_emb: Mapping[tuple[str, str], np.ndarray], *, n_boot: int = 0,
+                        seed: int = 0) -> dict:
     """Severity + category (like MIMIC-FG): for each present finding with a severity, is the most
     similar of its category's severity prompts ("mild/moderate/severe <category>") the true one?
     Also the joint task: among every (severity, category) prompt, is the best one a true finding?"""
@@ -131,8 +132,11 @@ def fine_grained_report(image_emb: np.ndarray, truth: Truth, rows: np.ndarray, c
     sims = image_emb @ matrix.T if keys else np.zeros((len(image_emb), 0))
     index = {k: i for i, k in enumerate(keys)}
     per_class: dict[str, list[bool]] = {}
+    per_image: list[list[bool]] = []  # hits of each scored image (the bootstrap resamples images)
+    true_severities: list[str] = []
     joint_hits, joint_n = 0, 0
     for local, r in enumerate(rows):
+        image_hits: list[bool] = []
         findings = {(sev, c) for (rr, c), sev in truth.severity.items() if rr == r and c in classes}
         for sev, c in findings:
             options = [(s, c) for s in SEVERITIES if (s, c) in index]
@@ -140,17 +144,40 @@ def fine_grained_report(image_emb: np.ndarray, truth: Truth, rows: np.ndarray, c
                 continue
             best = max(options, key=lambda k: sims[local, index[k]])
             per_class.setdefault(c, []).append(best[0] == sev)
+            image_hits.append(best[0] == sev)
+            true_severities.append(sev)
+        if image_hits:
+            per_image.append(image_hits)
         if findings and keys:
             joint_n += 1
             joint_hits += keys[int(np.argmax(sims[local]))] in findings
     per = {c: {"severity_accuracy": float(np.mean(v)), "n": len(v)} for c, v in sorted(per_class.items())}
     all_hits = [h for v in per_class.values() for h in v]
+    majority, majority_share = None, None
+    if true_severities:
+        values, counts = np.unique(np.array(true_severities), return_counts=True)
+        majority, majority_share = str(values[np.argmax(counts)]), float(counts.max() / counts.sum())
     return {
         "severity_accuracy": float(np.mean(all_hits)) if all_hits else None,
-        "severity_chance": 1 / len(SEVERITIES), "n_findings": len(all_hits),
+        "severity_accuracy_ci": _image_bootstrap_ci(per_image, n_boot, seed),
+        "severity_chance": 1 / len(SEVERITIES),
+        "severity_majority": majority, "severity_majority_baseline": majority_share,
+        "n_findings": len(all_hits),
         "joint_accuracy": joint_hits / joint_n if joint_n else None, "joint_n_images": joint_n,
         "joint_n_candidates": len(keys), "classes": per,
     }
+
+
+def _image_bootstrap_ci(per_image: Sequence[Sequence[bool]], n_boot: int, seed: int) -> list[float] | None:
+    """95 % interval of the pooled accuracy, resampling images (their findings move together)."""
+    if not per_image or n_boot <= 0:
+        return None
+    hits = np.array([sum(h) for h in per_image], dtype=np.float64)
+    counts = np.array([len(h) for h in per_image], dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    pick = rng.integers(0, len(per_image), size=(n_boot, len(per_image)))
+    values = hits[pick].sum(1) / counts[pick].sum(1)
+    return [float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5))]
 
 
 def unseen_report(scores_by_prompt: Mapping[str, np.ndarray], truth: Truth, rows: np.ndarray,
@@ -176,7 +203,10 @@ def retrieval_report(image_emb: np.ndarray, image_labels: np.ndarray, text_emb: 
     """Image->text and text->image P@K; a hit is a text whose class is among the image's labels."""
     relevant = (image_labels.astype(np.int64) @ text_labels.T.astype(np.int64)) > 0
     sims = image_emb @ text_emb.T
+    # A random ranking's expected P@K: the share of relevant candidates, averaged over queries.
+    chance = {"i2t": float(relevant.mean(axis=1).mean()) if relevant.size else float("nan"),
+              "t2i": float(relevant.mean(axis=0).mean()) if relevant.size else float("nan")}
     return {"i2t": retrieval_precision_at_k(sims, relevant, ks),
-            "t2i": retrieval_precision_at_k(sims.T, relevant.T, ks),
+            "t2i": retrieval_precision_at_k(sims.T, relevant.T, ks), "chance": chance,
             "n_images": int(len(image_emb)), "n_texts": int(len(text_emb)),
             "hit": "a text whose class is one of the image's labels (all of them, not only the first)"}
