@@ -48,6 +48,7 @@ COLUMNS = [
 # The paper's columns shown beside ours: Table 6 [ACC, F1] per dataset, ACC of these two.
 PAPER_COLUMNS = ("MIMIC-16", "MIMIC-FG")
 EXP_PREFIX = "ablation-"
+UNFINISHED_STATES = ("Queued", "Running", "Failed")
 
 
 def exp_name(row: str, seed: int) -> str:
@@ -177,7 +178,8 @@ def merge_runs(path: Path, records: list[Mapping[str, Any]]) -> list[dict]:
     kept = {r["Experiment"]: r for r in json.loads(path.read_text())} if path.is_file() else {}
     for record in records:
         name = str(record.get("Experiment") or "")
-        if not name.startswith(EXP_PREFIX):
+        # A queued, running or failed experiment shows the workspace's metrics, not its own.
+        if not name.startswith(EXP_PREFIX) or record.get("State") in UNFINISHED_STATES:
             continue
         entry = {"Experiment": name, "rev": record.get("rev")}
         for _, file, key in COLUMNS:

@@ -73,8 +73,11 @@ def test_runs_are_kept_across_checkouts_and_replaced_when_found_again(tmp_path):
     first = merge_runs(path, _records({"report": [0.6, 0.7]}))
     assert [r["Experiment"] for r in first] == [exp_name("report", 0), exp_name("report", 1)]
     # a new checkout finds only seed 1 again, with a new value, and a run still queued (no metrics)
-    again = merge_runs(path, [*_records({"report": [0.0, 0.75]})[2:], {"Experiment": exp_name("category", 0)}])
+    running = {"Experiment": exp_name("triplet", 0), "State": "Running", "mean_auc.explanation": 0.9}
+    again = merge_runs(path, [*_records({"report": [0.0, 0.75]})[2:], {"Experiment": exp_name("category", 0)},
+                              running])
     by_name = {r["Experiment"]: r for r in again}
     assert by_name[exp_name("report", 0)]["reports/evaluate.json:mean_auc.explanation"] == 0.6
     assert by_name[exp_name("report", 1)]["reports/evaluate.json:mean_auc.explanation"] == 0.75
     assert exp_name("category", 0) not in by_name
+    assert exp_name("triplet", 0) not in by_name  # a running experiment carries the workspace's metrics
