@@ -456,9 +456,12 @@ def fit(tp: TrainParams, data: TrainData, model_dir: Path, fingerprint: str, *,
                "img_per_s": n_seen / seconds if seconds > 0 else float("nan"),
                "logit_scale": float(model.scale().detach()), "seconds": seconds}
         history.append(row)
-        improved = world.is_main and not math.isnan(val_auc) and val_auc > best["auc"]
+        # With no val AUC so far (no val image, or no class with a positive and a negative among
+        # them) there is nothing to choose by: the latest epoch stands in, and the summary says so.
+        no_val_yet = best["auc"] == -math.inf
+        improved = world.is_main and (val_auc > best["auc"] if not math.isnan(val_auc) else no_val_yet)
         if world.is_main:
-            if improved or best["epoch"] < 0:
+            if improved:
                 best = {"auc": val_auc if not math.isnan(val_auc) else -math.inf, "epoch": epoch + 1}
                 save(model, run_dir / BEST_DIR, data.tokenizer)
             atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
@@ -482,7 +485,12 @@ def fit(tp: TrainParams, data: TrainData, model_dir: Path, fingerprint: str, *,
         shutil.copytree(run_dir / BEST_DIR, model_dir)
     if world.distributed:
         torch.distributed.barrier()
+    selection = "best val AUC" if best["auc"] > -math.inf else "last epoch (no val AUC could be computed)"
+    if finished and world.is_main and best["auc"] == -math.inf:
+        print("train: no epoch had a val AUC (the val split has no image, or no class with both a positive and "
+              "a negative): the model is the last epoch's. Give data.split.val a share to select by val AUC.")
     return {"finished": finished, "run_dir": str(run_dir), "resumed_from_epoch": resumed_from,
-            "best_epoch": best["epoch"], "best_val_auc": best["auc"],
+            "best_epoch": best["epoch"], "best_val_auc": best["auc"] if best["auc"] > -math.inf else None,
+            "model_selection": selection,
             "epochs": history, "world_size": world.size, "device": str(device),
             "steps_per_epoch": steps_per_epoch, "index": index.summary()}

@@ -176,6 +176,7 @@ def run_train_stage(params: Params, model_dir: Path, live_dir: Optional[Path] = 
         "finished": result["finished"],
         "best_epoch": result["best_epoch"],
         "best_val_auc": result["best_val_auc"],
+        "model_selection": result["model_selection"],
         "first_epoch": epochs[0] if epochs else None,
         "last_epoch": epochs[-1] if epochs else None,
         "steps_per_epoch": result["steps_per_epoch"],

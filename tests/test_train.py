@@ -51,12 +51,27 @@ def _train(root, monkeypatch, checkpoints, model_dir, stop_after_epochs=None, **
 def test_training_lowers_loss_and_beats_chance(project, tmp_path, monkeypatch):
     summary = _train(project, monkeypatch, tmp_path / "ck", tmp_path / "model", epochs=6, lr=0.05)
     first, last = summary["first_epoch"], summary["last_epoch"]
-    assert summary["finished"] and summary["index"]["excluded_by_reason"]["no_label"] >= 0
+    assert summary["finished"] and summary["model_selection"] == "best val AUC"
     assert last["loss"] < first["loss"]
     assert summary["best_val_auc"] > 0.55, summary
     assert 0 < last["logit_scale"] <= 100
     model = load(tmp_path / "model")
     assert model.embed_texts(["pleural effusion"]).shape == (1, 64)
+
+
+@pytest.mark.slow
+def test_no_val_auc_in_any_epoch_ships_the_last_epoch_and_says_so(project, tmp_path, monkeypatch):
+    import medfilip.train as train_module
+
+    monkeypatch.setattr(train_module, "val_zero_shot_auc", lambda *a, **k: (float("nan"), {}))
+    summary = _train(project, monkeypatch, tmp_path / "ck", tmp_path / "model", epochs=2, restart_epochs=1,
+                     restart_mult=1)
+    assert summary["best_epoch"] == 2 and summary["best_val_auc"] is None
+    assert summary["model_selection"].startswith("last epoch")
+    (last_pt,) = (tmp_path / "ck").rglob("last.pt")  # the weights after the last epoch
+    last = torch.load(last_pt, weights_only=False)["model"]
+    shipped = load(tmp_path / "model").state_dict()
+    assert shipped.keys() == last.keys() and all(torch.equal(last[k], shipped[k]) for k in shipped)
 
 
 @pytest.mark.slow
