@@ -194,7 +194,45 @@ def merge_runs(path: Path, records: list[Mapping[str, Any]]) -> list[dict]:
     return runs
 
 
+def workspace_record(params: Mapping[str, Any], rev: str, root: Path = Path(".")) -> dict[str, Any]:
+    """The workspace's own ``dvc repro`` as the ablation run it is: the row whose params it has, at
+    its ``train.seed`` (the default params are the MedFILIP row; a seed-0 experiment of it would
+    train the same bits again). Its metrics are read from the files under ``root``."""
+    import json
+
+    def get(dotted: str) -> Any:
+        node: Any = params
+        for part in dotted.split("."):
+            node = node.get(part) if isinstance(node, Mapping) else None
+        return node
+
+    row_keys = sorted({k for _, _, sets, _ in ROWS for k in sets})
+    defaults = {"ssm.calibration": "sharpen", "train.loss": "paper"}  # what a row leaves unset runs at
+
+    def matches(sets: Mapping[str, str]) -> bool:
+        return all(str(get(k)) == sets.get(k, defaults.get(k, str(get(k)))) for k in row_keys)
+
+    found = [name for name, _, sets, _ in ROWS if matches(sets)]
+    if not found:
+        raise SystemExit("ablation record: params.yaml matches no ablation row (medfilip/ablation.py ROWS); "
+                         "record only a workspace run at a row's params.")
+    record: dict[str, Any] = {"Experiment": exp_name(found[0], int(get("train.seed"))), "rev": rev}
+    for _, file, key in COLUMNS:
+        data: Any = json.loads((root / file).read_text())
+        for part in key.split("."):
+            data = data.get(part) if isinstance(data, Mapping) else None
+        if data is not None:
+            record[f"{file}:{key}"] = data
+    return record
+
+
 def run(args) -> int:
+    if args.action == "record":
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+        record = workspace_record(yaml.safe_load(Path(args.params).read_text()), args.rev or rev, Path(args.root))
+        merge_runs(Path(args.runs), [record])
+        print(f"recorded {record['Experiment']} (rev {record['rev']}) in {args.runs}")
+        return 0
     if args.action == "queue":
         for cmd in queue_commands(args.set or (), seeds=args.seeds or SEEDS, rows=args.rows):
             print(" ".join(cmd))
@@ -216,7 +254,8 @@ def run(args) -> int:
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("action", choices=("queue", "report"))
+    parser.add_argument("action", choices=("queue", "report", "record"),
+                        help="record: add the workspace's own run (its metrics files) as the row its params.yaml is")
     parser.add_argument("--set", "-S", action="append", help="queue: extra params for every row, key=value")
     parser.add_argument("--seeds", type=int, nargs="+", help=f"queue: train.seed values (default {SEEDS})")
     parser.add_argument("--rows", nargs="+", choices=[r[0] for r in ROWS], help="queue: only these rows")
@@ -225,5 +264,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--out", default="reports/ablation.md")
     parser.add_argument("--runs", default="reports/ablation_runs.json",
                         help="report: every run's metrics, kept across checkouts (committed)")
+    parser.add_argument("--params", default="params.yaml", help="record: the workspace's params")
+    parser.add_argument("--root", default=".", help="record: where its metrics files are")
+    parser.add_argument("--rev", help="record: the commit the metrics are of (default HEAD)")
     parser.add_argument("--num", type=int, default=1,
                         help="report: look for the experiments on the last N commits (they are queued from HEAD)")

@@ -81,3 +81,28 @@ def test_runs_are_kept_across_checkouts_and_replaced_when_found_again(tmp_path):
     assert by_name[exp_name("report", 1)]["reports/evaluate.json:mean_auc.explanation"] == 0.75
     assert exp_name("category", 0) not in by_name
     assert exp_name("triplet", 0) not in by_name  # a running experiment carries the workspace's metrics
+
+
+def test_the_workspace_run_is_recorded_as_the_row_its_params_are(tmp_path):
+    import json
+
+    import pytest
+
+    from medfilip.ablation import workspace_record
+
+    params = yaml.safe_load((PAPER.parents[2] / "params.yaml").read_text())
+    (tmp_path / "reports" / "eval").mkdir(parents=True)
+    (tmp_path / "reports" / "evaluate.json").write_text(json.dumps({
+        "mean_auc": {"training": 0.8, "explanation": 0.81}, "fine_grained_severity_accuracy": 0.5,
+        "fine_grained_severity_accuracy_training": 0.49, "retrieval": {"i2t": {"p@1": 0.7}}}))
+    (tmp_path / "reports" / "eval" / "unseen.json").write_text(json.dumps({"covid-19": {"auc_explanation": 0.8}}))
+    record = workspace_record(params, "abc1234", tmp_path)
+    assert record["Experiment"] == exp_name("triplet+ssm+iki", params["train"]["seed"])  # the defaults' row
+    assert record["reports/evaluate.json:mean_auc.explanation"] == 0.81
+    assert record["reports/eval/unseen.json:covid-19.auc_explanation"] == 0.8
+
+    params["explain"]["mode"], params["train"]["targets"], params["train"]["seed"] = "category", "identity", 2
+    assert workspace_record(params, "abc1234", tmp_path)["Experiment"] == exp_name("category", 2)
+    params["train"]["targets"] = "multihot"  # category texts with multi-hot targets: no row
+    with pytest.raises(SystemExit, match="matches no ablation row"):
+        workspace_record(params, "abc1234", tmp_path)
