@@ -40,8 +40,16 @@ def rules():
 
 
 def found(rules, text):
-    """category -> (negated, uncertain, severity, location) of each finding in a text."""
-    return {f.category: (f.negated, f.uncertain, f.severity, f.location) for f in rules.extract_report(text)}
+    """category -> (negated, uncertain, severity, location) of each finding in a text (one per category)."""
+    findings = rules.extract_report(text)
+    categories = [f.category for f in findings]
+    assert len(set(categories)) == len(categories), (text, findings)
+    return {f.category: (f.negated, f.uncertain, f.severity, f.location) for f in findings}
+
+
+def listed(rules, text):
+    """(category, negated, uncertain, severity, location) of every finding, in report order."""
+    return [(f.category, f.negated, f.uncertain, f.severity, f.location) for f in rules.extract_report(text)]
 
 
 # ----------------------------------------------------------------- negation and uncertainty
@@ -112,15 +120,62 @@ def test_severity_and_location_words(rules, text, category, severity, location):
     assert (got_severity, got_location) == (severity, location)
 
 
-def test_one_finding_per_category_positive_and_certain_win(rules):
+def test_a_stated_mention_confirms_a_hedged_one_and_a_negation_elsewhere_stays(rules):
     report = ("FINDINGS: No pleural effusion on the right. Possible small left effusion. Mild cardiomegaly.\n\n"
               "IMPRESSION: Small left pleural effusion. Mild cardiomegaly.")
     findings = rules.extract_report(report)
-    assert [f.category for f in findings].count("pleural effusion") == 1
-    effusion = next(f for f in findings if f.category == "pleural effusion")
-    assert (effusion.negated, effusion.uncertain, effusion.severity, effusion.location) == (False, False, "mild", "left")
-    assert effusion.evidence == "Small left pleural effusion."
-    assert len(findings) == 2
+    assert listed(rules, report) == [("pleural effusion", True, False, None, "right"),
+                                     ("pleural effusion", False, False, "mild", "left"),
+                                     ("cardiomegaly", False, False, "mild", None)]
+    # the left effusion rests on the sentence that states it, not on the one that hedged it
+    assert findings[1].evidence == "Small left pleural effusion."
+
+
+def test_two_lesions_in_two_lobes_are_two_findings_each_with_its_own_lobe(rules):
+    report = ("FINDINGS: A 12 mm nodule is present in the right upper lobe. A second nodule is seen in the "
+              "left lower lobe. IMPRESSION: Two pulmonary nodules.")
+    findings = rules.extract_report(report)
+    # 12 mm grades by the nodule's size_mm rule [10, 20] (vocabulary.yaml): moderate; "a second
+    # nodule" states no size and "two nodules" is a count: no severity
+    assert listed(rules, report) == [("nodule", False, False, "moderate", "right upper zone"),
+                                     ("nodule", False, False, None, "left lower zone")]
+    assert findings[0].evidence == "A 12 mm nodule is present in the right upper lobe."
+    assert findings[1].evidence == "A second nodule is seen in the left lower lobe."
+
+
+def test_the_impression_restating_a_finding_is_one_finding(rules):
+    for impression in ("Small right pleural effusion.", "Small pleural effusion."):
+        report = f"FINDINGS: There is a small right pleural effusion. IMPRESSION: {impression}"
+        assert listed(rules, report) == [("pleural effusion", False, False, "mild", "right")], impression
+        assert rules.extract_report(report)[0].evidence == "There is a small right pleural effusion."
+
+
+def test_a_restatement_may_name_the_place_more_or_less_precisely(rules):
+    assert listed(rules, "Moderate perihilar pulmonary edema. IMPRESSION: Moderate bilateral perihilar edema.") == [
+        ("pulmonary edema", False, False, "moderate", "bilateral perihilar")]
+    assert listed(rules, "FINDINGS: A nodule is seen. IMPRESSION: Right upper lobe nodule.") == [
+        ("nodule", False, False, None, "right upper zone")]
+
+
+def test_both_lungs_is_bilateral(rules):
+    assert listed(rules, "Patchy opacities are seen in both lungs.") == [
+        ("lung opacity", False, False, None, "bilateral")]
+    assert listed(rules, "Nodules are scattered throughout both lungs.")[0][4] == "bilateral"
+
+
+def test_a_negated_and_a_positive_mention_of_one_category(rules):
+    # different places: both are findings; no place on the negation: the stated finding stands
+    assert listed(rules, "No left pleural effusion. Moderate right pleural effusion.") == [
+        ("pleural effusion", True, False, None, "left"), ("pleural effusion", False, False, "moderate", "right")]
+    assert listed(rules, "FINDINGS: No pleural effusion. IMPRESSION: Small left pleural effusion.") == [
+        ("pleural effusion", False, False, "mild", "left")]
+
+
+def test_a_count_or_an_unruled_size_grades_nothing(rules):
+    assert listed(rules, "Three nodules in the left upper lobe.") == [
+        ("nodule", False, False, None, "left upper zone")]
+    assert rules.vocabulary.info["pleural effusion"].size_mm is None
+    assert listed(rules, "A 25 mm left pleural effusion.") == [("pleural effusion", False, False, None, "left")]
 
 
 def test_skipped_sections_are_not_read(rules):

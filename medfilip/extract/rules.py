@@ -19,8 +19,14 @@ The offline baseline every LLM is compared to. How it reads a report:
    conjunction. Mentions of one finding share them: coordinated ones ("left base
    atelectasis/infiltrate") their location, a diagnosis joined by a link ("opacity ...,
    concerning for pneumonia") or a colon the finding's location and severity.
-5. One finding per category per report: a positive mention beats a negated one, a certain
-   one beats a hedged one (FINDINGS and IMPRESSION repeat each other).
+5. One finding per mention (GPT-IE's decoupling of repeated occurrences): two nodules in two
+   lobes are two findings, each with its own sentence's place and severity. Only a restatement
+   is folded into the finding it repeats: same category, same place or none named (FINDINGS and
+   IMPRESSION repeat each other); there a stated mention beats a hedged one and a stated or
+   hedged one beats a negation (``_merge``).
+6. A size grades severity only through the category's ``size_mm`` rule in
+   ``data/knowledge/vocabulary.yaml`` (documented in ``data/extract/rules/README.md``); a count
+   ("two nodules") grades nothing, and no rule means no severity.
 
 Quality on Open-i and the phantom is measured by ``medfilip/benchmarks/quality.py``.
 """
@@ -289,7 +295,7 @@ class RulesExtractor:
     # ------------------------------------------------------------------ the work
 
     def extract_report(self, report: str) -> list[Finding]:
-        """All findings of one report, one per category (see the module docstring)."""
+        """All findings of one report, one per mention, restatements folded in (the module docstring)."""
         mentions: list[_Mention] = []
         for k, sentence in enumerate(self.sentences(report)):
             mentions.extend(self._read_sentence(sentence, k))
@@ -564,25 +570,53 @@ class RulesExtractor:
         return False
 
     def _merge(self, mentions: list[_Mention]) -> list[Finding]:
-        by_category: dict[str, list[_Mention]] = {}
+        """One finding per mention, in report order; a mention that restates a kept one is folded in.
+
+        A stated or hedged mention restates a kept finding of its category, stated or hedged,
+        when both name the same place or one names none (the IMPRESSION's "two pulmonary
+        nodules" after two located nodules): the kept finding takes what it lacked (a place, a
+        severity, certainty) and keeps its own evidence; places meet when side and zone each agree
+        or are unnamed on one side ("perihilar" and "bilateral perihilar"). Mentions at different places stay
+        separate findings ("a nodule in the right upper lobe ... a second nodule in the left lower
+        lobe"). A negation yields to a stated or hedged mention of its category at the same place
+        or with no place on either side ("no effusion ... small effusion": the finding stands), and
+        stays a finding of its own elsewhere ("no right effusion; small left effusion").
+        """
+        kept: list[dict[str, Any]] = []
         for m in sorted(mentions, key=lambda m: m.order):
-            by_category.setdefault(m.category, []).append(m)
-        findings = []
-        for category, group in by_category.items():
-            rank = min(_rank(m) for m in group)
-            winners = [m for m in group if _rank(m) == rank]
-            severity = next((m.severity for m in winners if m.severity), None)
-            detail = self.vocabulary.info[category].location_detail
-            place = combine_places(m.place for m in winners).at_detail(detail)
-            findings.append(Finding(
-                category=category,
-                severity=severity,
-                location=place.canonical,
-                negated=rank == 2,
-                uncertain=rank == 1,
-                evidence=" ".join(winners[0].evidence.split()),
-            ))
-        return findings
+            rank = _rank(m)
+            same = [f for f in kept if f["category"] == m.category and _places_meet(f["place"], m.place)]
+            if rank == 2:
+                if not same:
+                    kept.append(_kept(m))
+                continue
+            for f in [f for f in same if f["rank"] == 2]:
+                kept.remove(f)  # a stated finding overrules a negation of the same place
+            stated = [f for f in same if f["rank"] < 2]
+            if not stated:
+                kept.append(_kept(m))
+                continue
+            exact = [f for f in stated if f["place"] == m.place]
+            f = (exact or stated)[0]
+            if len(stated) == 1 or exact:  # one finding it can restate: it may make that one more precise
+                f["place"] = Place(f["place"].side or m.place.side, f["place"].zone or m.place.zone)
+                f["severity"] = f["severity"] or m.severity
+            if rank < f["rank"]:  # the hedge is confirmed: the finding now rests on this mention
+                f["rank"], f["evidence"] = rank, _kept(m)["evidence"]
+        return [Finding(category=f["category"], severity=f["severity"], location=f["place"].canonical,
+                        negated=f["rank"] == 2, uncertain=f["rank"] == 1, evidence=f["evidence"])
+                for f in kept]
+
+
+def _kept(m: _Mention) -> dict[str, Any]:
+    return {"category": m.category, "severity": m.severity, "place": m.place, "rank": _rank(m),
+            "evidence": " ".join(m.evidence.split())}
+
+
+def _places_meet(a: Place, b: Place) -> bool:
+    """Whether two mentions may be one finding by place: side and zone each the same or unnamed on
+    one side ("perihilar edema" and "bilateral perihilar edema"; "a nodule" and "a right upper lobe nodule")."""
+    return all(x is None or y is None or x == y for x, y in ((a.side, b.side), (a.zone, b.zone)))
 
 
 def _outranks(new: tuple[int, str], old: tuple[int, str]) -> bool:
