@@ -9,6 +9,7 @@ of rows whether their difference exceeds the seed spread.
 
 from __future__ import annotations
 
+import json
 import math
 import subprocess
 import sys
@@ -173,8 +174,6 @@ def merge_runs(path: Path, records: list[Mapping[str, Any]]) -> list[dict]:
     """Keep every ablation run's metrics in ``path`` (``reports/ablation_runs.json``, committed):
     DVC keeps experiments in local git refs only, so a fresh clone would lose them. A run found
     again replaces its old entry; runs of other checkouts are kept."""
-    import json
-
     kept = {r["Experiment"]: r for r in json.loads(path.read_text())} if path.is_file() else {}
     for record in records:
         name = str(record.get("Experiment") or "")
@@ -194,35 +193,31 @@ def merge_runs(path: Path, records: list[Mapping[str, Any]]) -> list[dict]:
     return runs
 
 
+def _dig(mapping: Any, dotted: str) -> Any:
+    """``mapping["a"]["b"]`` for ``"a.b"``; None where a part is missing."""
+    for part in dotted.split("."):
+        mapping = mapping.get(part) if isinstance(mapping, Mapping) else None
+    return mapping
+
+
 def workspace_record(params: Mapping[str, Any], rev: str, root: Path = Path(".")) -> dict[str, Any]:
     """The workspace's own ``dvc repro`` as the ablation run it is: the row whose params it has, at
     its ``train.seed`` (the default params are the MedFILIP row; a seed-0 experiment of it would
-    train the same bits again). Its metrics are read from the files under ``root``."""
-    import json
+    train the same bits again). Its metrics are read from the files under ``root``.
 
-    def get(dotted: str) -> Any:
-        node: Any = params
-        for part in dotted.split("."):
-            node = node.get(part) if isinstance(node, Mapping) else None
-        return node
-
-    row_keys = sorted({k for _, _, sets, _ in ROWS for k in sets})
-    defaults = {"ssm.calibration": "sharpen", "train.loss": "paper"}  # what a row leaves unset runs at
-
-    def matches(sets: Mapping[str, str]) -> bool:
-        return all(str(get(k)) == sets.get(k, defaults.get(k, str(get(k)))) for k in row_keys)
-
-    found = [name for name, _, sets, _ in ROWS if matches(sets)]
-    if not found:
+    A row is its ``-S`` overrides on top of the workspace's params, as the queue runs it, so the
+    row is the most specific one all of whose overrides the params already have."""
+    matching = [(len(sets), name) for name, _, sets, _ in ROWS
+                if all(str(_dig(params, k)) == v for k, v in sets.items())]
+    if not matching:
         raise SystemExit("ablation record: params.yaml matches no ablation row (medfilip/ablation.py ROWS); "
                          "record only a workspace run at a row's params.")
-    record: dict[str, Any] = {"Experiment": exp_name(found[0], int(get("train.seed"))), "rev": rev}
+    row = max(matching, key=lambda m: m[0])[1]
+    record: dict[str, Any] = {"Experiment": exp_name(row, int(_dig(params, "train.seed"))), "rev": rev}
     for _, file, key in COLUMNS:
-        data: Any = json.loads((root / file).read_text())
-        for part in key.split("."):
-            data = data.get(part) if isinstance(data, Mapping) else None
-        if data is not None:
-            record[f"{file}:{key}"] = data
+        value = _dig(json.loads((root / file).read_text()), key)
+        if value is not None:
+            record[f"{file}:{key}"] = value
     return record
 
 

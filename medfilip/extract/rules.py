@@ -602,7 +602,7 @@ class RulesExtractor:
                 f["place"] = Place(f["place"].side or m.place.side, f["place"].zone or m.place.zone)
                 f["severity"] = f["severity"] or m.severity
             if rank < f["rank"]:  # the hedge is confirmed: the finding now rests on this mention
-                f["rank"], f["evidence"] = rank, _kept(m)["evidence"]
+                f["rank"], f["evidence"] = rank, _squeeze(m.evidence)
         return [Finding(category=f["category"], severity=f["severity"], location=f["place"].canonical,
                         negated=f["rank"] == 2, uncertain=f["rank"] == 1, evidence=f["evidence"])
                 for f in kept]
@@ -610,7 +610,11 @@ class RulesExtractor:
 
 def _kept(m: _Mention) -> dict[str, Any]:
     return {"category": m.category, "severity": m.severity, "place": m.place, "rank": _rank(m),
-            "evidence": " ".join(m.evidence.split())}
+            "evidence": _squeeze(m.evidence)}
+
+
+def _squeeze(text: str) -> str:
+    return " ".join(text.split())
 
 
 def _places_meet(a: Place, b: Place) -> bool:
