@@ -29,6 +29,11 @@ def _extract(args) -> dict:
         concurrency = int(args.concurrency.split(",")[-1])
         return scale_benchmark(sizes, concurrency=concurrency, latency_s=args.latency, code_path=args.code_path)
     concurrencies = tuple(int(c) for c in args.concurrency.split(","))
+    if args.provider == "llamacpp":  # issue 15: the local llama.cpp server on the packaged model
+        from medfilip.benchmarks.extract_throughput import llamacpp_benchmark
+
+        return llamacpp_benchmark(n_reports=args.n, concurrencies=concurrencies, max_tokens=args.max_tokens,
+                                  old_engine_python=args.old_engine_python, gguf=args.gguf)
     result = benchmark(n_reports=args.n, latency_s=args.latency, concurrencies=concurrencies)
     result["cached_at_scale"] = cached_rerun_benchmark(n_reports=args.scale)
     return result
@@ -111,6 +116,15 @@ def add_arguments(parser) -> None:
     parser.add_argument("--latency", type=float, default=0.05, help="extract: stand-in latency per call (s)")
     parser.add_argument("--concurrency", default="1,8,64", help="extract: llm.max_concurrency values")
     parser.add_argument("--scale", type=int, default=100_000, help="extract: reports in the cached re-run")
+    parser.add_argument("--provider", default="standin", choices=("standin", "llamacpp"),
+                        help="extract: a stand-in with --latency, or the local llama.cpp server on the "
+                             "packaged SmolLM2 (e.g. --provider llamacpp --n 16 --concurrency 1,4,8)")
+    parser.add_argument("--gguf", default=None,
+                        help="extract --provider llamacpp: a GGUF to serve instead of the packaged SmolLM2")
+    parser.add_argument("--max-tokens", type=int, default=256, help="extract --provider llamacpp: llm.max_tokens")
+    parser.add_argument("--old-engine-python", default=None,
+                        help="extract --provider llamacpp: a Python with llama-cpp-python[server], to time "
+                             "the engine before issue 15 on the same reports")
     parser.add_argument("--sizes", default=None,
                         help="extract: e.g. 10000,200000 -- peak RSS and reports/s of uncached runs at these sizes "
                              "(at the last --concurrency value)")

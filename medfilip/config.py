@@ -236,13 +236,17 @@ class SSMParams:
     calibration: Literal["raw", "rescale", "sharpen"] = "sharpen"
     floor: Optional[float] = None  # rescale's floor; null: measured (floor_quantile of cross-category cosines)
     floor_quantile: float = 0.9
-    temperature: Optional[float] = None  # sharpen's; null: measured (a median same-category pair gets 0.5)
+    temperature: Optional[float] = None  # sharpen's; null: measured (temperature_quantile)
+    # sharpen's measured T: the same-category pair at this quantile of cosines gets target 0.5.
+    temperature_quantile: float = 0.8
 
     def __post_init__(self) -> None:
         if self.floor is not None and not 0.0 <= self.floor < 1.0:
             raise ConfigError(f"ssm.floor must lie in [0, 1) or be null (measured); got {self.floor}")
         if not 0.0 < self.floor_quantile < 1.0:
             raise ConfigError(f"ssm.floor_quantile must lie in (0, 1); got {self.floor_quantile}")
+        if not 0.0 < self.temperature_quantile < 1.0:
+            raise ConfigError(f"ssm.temperature_quantile must lie in (0, 1); got {self.temperature_quantile}")
         if self.temperature is not None and self.temperature <= 0:
             raise ConfigError(f"ssm.temperature must be > 0 or null (measured); got {self.temperature}")
 

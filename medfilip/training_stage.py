@@ -73,7 +73,7 @@ def ssm_calibration(params: Params, index, embeddings) -> Optional[Calibration]:
                                                                           ssm.floor_quantile)
         return Calibration("rescale", float(floor))
     temperature = ssm.temperature if ssm.temperature is not None else sharpen_temperature(
-        embeddings, index.text_category, counts)
+        embeddings, index.text_category, counts, ssm.temperature_quantile)
     return Calibration("sharpen", float(temperature))
 
 
@@ -92,7 +92,8 @@ def _calibration_source(params: Params) -> str:
         return ("ssm.floor" if ssm.floor is not None else
                 f"floor measured: the {ssm.floor_quantile} quantile of cross-category cosines")
     return ("ssm.temperature" if ssm.temperature is not None else
-            "temperature measured: a same-category pair of median cosine gets target 0.5")
+            f"temperature measured: the same-category pair at the {ssm.temperature_quantile} quantile "
+            "of cosines gets target 0.5")
 
 
 def write_diagnostics(params: Params, data: "TrainData", epochs: list[dict], path: Path, figure: Path) -> dict:

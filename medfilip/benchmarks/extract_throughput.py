@@ -130,3 +130,85 @@ def scale_benchmark(sizes=(10_000, 200_000), concurrency: int = 64, latency_s: f
                 "rss_growth_mb": round(run["peak_rss_mb"] - run["rss_before_extract_mb"], 1),
             }
     return results
+
+
+# --------------------------------------------------------------------------- llm.provider: llamacpp
+
+_OPENI_STYLE = (
+    "FINDINGS: {i} mm nodule in the right upper lobe. Mild cardiomegaly. No pneumothorax.",
+    "IMPRESSION: Small left pleural effusion with adjacent atelectasis, case {i}.",
+    "FINDINGS: Lungs are clear, study {i}. Heart size is normal. IMPRESSION: No acute disease.",
+    "FINDINGS: Moderate right pleural effusion. Possible left basilar consolidation (report {i}).",
+)
+
+
+def _llamacpp_studies(n: int) -> pa.Table:
+    reports = [_OPENI_STYLE[i % len(_OPENI_STYLE)].format(i=i + 3) for i in range(n)]
+    return pa.table({"study_id": [f"l{i:07d}" for i in range(n)], "report": reports})
+
+
+def llamacpp_benchmark(n_reports: int = 16, concurrencies=(1, 4, 8), max_tokens: int = 256,
+                       old_engine_python: str | None = None, gguf: str | None = None) -> dict:
+    """reports/s of the extract stage on the local llama.cpp server, per ``llm.max_concurrency``.
+
+    ``engine: xllamacpp`` is the stage's own path (``provider: llamacpp``: the server gets as many
+    slots as the concurrency). With ``old_engine_python`` (a Python that has llama-cpp-python[server]
+    installed) the same reports also go to ``python -m llama_cpp.server``, the engine before
+    issue 15, which serves one request at a time. Every run starts from an empty answer cache, so
+    each report is a real model call; ``max_tokens`` caps an answer, as the stage's ``llm.max_tokens``.
+    """
+    from medfilip.config import LlamaCppParams
+
+    studies = _llamacpp_studies(n_reports)
+    llamacpp = LlamaCppParams(gguf=gguf)
+    results: dict = {"n_reports": n_reports, "max_tokens": max_tokens, "n_threads": llamacpp.n_threads,
+                     "engines": {}}
+
+    def measure(llm: LLMParams, tmp: str, name: str) -> dict:
+        params = ExtractParams(cache=str(Path(tmp) / f"{name}.sqlite"), text="report", progress=False)
+        start = time.perf_counter()
+        _, _, summary = extract_studies(studies, llm, params)
+        seconds = time.perf_counter() - start
+        tokens = summary.get("completion_tokens") or 0
+        # Engines differ in their answers' lengths (the same greedy decoding in other kernels drifts),
+        # so tokens/s beside reports/s: reports/s alone would reward the terser model.
+        return {"seconds": round(seconds, 2), "reports_per_s": round(n_reports / seconds, 3),
+                "n_ok": summary["n_ok"], "n_failed": summary.get("n_failed"),
+                "completion_tokens": tokens, "completion_tokens_per_s": round(tokens / seconds, 1)}
+
+    with tempfile.TemporaryDirectory() as tmp:
+        runs = {}
+        for concurrency in concurrencies:
+            llm = LLMParams(provider="llamacpp", model="bench-smollm2", max_concurrency=concurrency,
+                            max_retries=1, timeout_s=600, max_tokens=max_tokens, llamacpp=llamacpp)
+            runs[str(concurrency)] = measure(llm, tmp, f"x{concurrency}")  # includes the server's start
+        results["engines"]["xllamacpp"] = runs
+        if old_engine_python:
+            results["engines"]["llama-cpp-python"] = _old_engine_runs(
+                old_engine_python, llamacpp, concurrencies, max_tokens, tmp, measure)
+    return results
+
+
+def _old_engine_runs(python: str, llamacpp, concurrencies, max_tokens: int, tmp: str, measure) -> dict:
+    """The same runs with the stage's server class swapped for ``python -m llama_cpp.server``."""
+    import medfilip.extract.server as server_mod
+
+    class OldEngine(server_mod.LlamaCppServer):
+        def _command(self, port: int) -> list[str]:
+            p = self.params
+            return [python, "-m", "llama_cpp.server", "--model", str(self.gguf), "--model_alias", self.model_alias,
+                    "--host", "127.0.0.1", "--port", str(port), "--n_ctx", str(p.n_ctx),
+                    "--n_threads", str(p.n_threads), "--n_threads_batch", str(p.n_threads),
+                    "--n_gpu_layers", str(p.n_gpu_layers)]
+
+    saved = server_mod.LlamaCppServer, server_mod.check_server_extra
+    server_mod.LlamaCppServer, server_mod.check_server_extra = OldEngine, lambda: None  # it lives in `python`
+    runs = {}
+    try:
+        for concurrency in concurrencies:
+            llm = LLMParams(provider="llamacpp", model="bench-smollm2", max_concurrency=concurrency,
+                            max_retries=1, timeout_s=600, max_tokens=max_tokens, llamacpp=llamacpp)
+            runs[str(concurrency)] = measure(llm, tmp, f"old{concurrency}")
+    finally:
+        server_mod.LlamaCppServer, server_mod.check_server_extra = saved
+    return runs

