@@ -119,6 +119,13 @@ class LlamaCppParams:
     n_threads: int = 2
     n_gpu_layers: int = 0
     startup_timeout_s: float = 120.0
+    # llama.cpp's repetition penalty (1.0: none). 1.1 is what llama-cpp-python's server applied by
+    # default: without it greedy decoding of a small model repeats findings until max_tokens.
+    repeat_penalty: float = 1.1
+
+    def __post_init__(self) -> None:
+        if self.repeat_penalty <= 0:
+            raise ConfigError(f"llm.llamacpp.repeat_penalty must be > 0 (1.0: none); got {self.repeat_penalty}")
 
 
 @dataclass(frozen=True)

@@ -165,6 +165,17 @@ def test_max_tokens_is_not_in_the_cache_key(prompt):
     assert (small.max_tokens, large.max_tokens) == (256, 4096)
 
 
+def test_extra_sampling_settings_are_sent_and_keyed_and_absent_otherwise(prompt):
+    plain = OpenAIExtractor(LLM, prompt, api_key=KEY)
+    assert "sampling" not in plain.identity()  # cache keys of plain endpoints are unchanged
+    assert "extra_body" not in plain._request([{"role": "user", "content": "r"}], "json_schema")
+    tuned = OpenAIExtractor(LLM, prompt, api_key=KEY, sampling={"repeat_penalty": 1.1})
+    other = OpenAIExtractor(LLM, prompt, api_key=KEY, sampling={"repeat_penalty": 1.0})
+    assert tuned.identity()["sampling"] == {"repeat_penalty": 1.1}
+    assert tuned.identity() != other.identity() != plain.identity()
+    assert tuned._request([{"role": "user", "content": "r"}], "grammar")["extra_body"] == {"repeat_penalty": 1.1}
+
+
 @pytest.mark.parametrize(
     "fault, reason",
     [

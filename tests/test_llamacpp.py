@@ -370,7 +370,12 @@ def test_the_server_gets_one_slot_per_concurrent_request(monkeypatch, tmp_path):
     llm = LLMParams(provider="llamacpp", model=ALIAS, max_concurrency=6,
                     llamacpp=LlamaCppParams(gguf=str(gguf), n_ctx=2048, n_threads=3))
     with llamacpp_extractor(llm, load_prompt(REPO / "data/prompts/extract_v1")) as extractor:
-        assert extractor.identity()["runtime"].startswith("xllamacpp")
+        identity = extractor.identity()
+        assert identity["runtime"].startswith("xllamacpp")
+        # llama.cpp's own sampler setting goes in the request body and in the cache key
+        assert identity["sampling"] == {"repeat_penalty": 1.1}
+        request = extractor.inner._request([{"role": "user", "content": "r"}], "grammar")
+        assert request["extra_body"] == {"repeat_penalty": 1.1}
     command = started["command"]
     assert command[1:3] == ["-m", "medfilip.extract.llamacpp_serve"]
     flags = dict(zip(command[3::2], command[4::2]))

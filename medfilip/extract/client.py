@@ -97,10 +97,13 @@ class OpenAIExtractor:
         api_key: str,
         base_url: str | None = None,
         response_format: str | None = None,
+        sampling: dict[str, Any] | None = None,
         backoff_s: float = 1.0,
         max_backoff_s: float = 60.0,
     ):
-        """``response_format`` overrides ``llm.response_format`` (the llamacpp provider passes ``grammar``)."""
+        """``response_format`` overrides ``llm.response_format`` (the llamacpp provider passes ``grammar``).
+        ``sampling``: sampler settings beyond the OpenAI API's, sent in the request body and part of
+        :meth:`identity` (the llamacpp provider's ``repeat_penalty``); None sends none."""
         if not api_key:
             raise MissingKeyError(f"no API key given (llm.api_key_env is {llm.api_key_env})")
         mode = response_format or llm.response_format
@@ -113,6 +116,7 @@ class OpenAIExtractor:
         self.model = llm.model
         self.max_tokens = llm.max_tokens  # not in identity(): see medfilip.extract.base.Extractor
         self.requested_format = mode
+        self.sampling = dict(sampling) if sampling else None
         self.backoff_s = backoff_s
         self.max_backoff_s = max_backoff_s
         self._backoff = wait_random_exponential(multiplier=backoff_s, max=max_backoff_s)  # full jitter
@@ -141,7 +145,7 @@ class OpenAIExtractor:
         the limit (:meth:`medfilip.extract.cache.LLMCache.truncated_at`), so raising the
         limit re-asks just those reports.
         """
-        return {
+        identity = {
             "provider": self.provider,
             "model": self.model,
             "prompt_version": self.prompt.version,
@@ -151,6 +155,9 @@ class OpenAIExtractor:
             "seed": self.llm.seed,
             "response_format": self.requested_format,
         }
+        if self.sampling:  # only then: the keys of every endpoint without extra settings stay as they were
+            identity["sampling"] = dict(sorted(self.sampling.items()))
+        return identity
 
     async def extract(self, report: str) -> Answer:
         """Findings of one report, retried as the module docstring says.
@@ -236,6 +243,8 @@ class OpenAIExtractor:
         payload = response_format_payload(mode)
         if payload is not None:
             request["response_format"] = payload
+        if self.sampling:
+            request["extra_body"] = dict(self.sampling)
         return request
 
     def _read_completion(self, completion: Any, mode: str, usage: list[int]) -> Answer:

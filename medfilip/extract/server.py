@@ -454,6 +454,7 @@ def llamacpp_extractor(llm: LLMParams, prompt: Prompt, log_path: Path | None = N
             base_url=server.base_url,
             # llama.cpp turns the JSON schema of json_object mode into a grammar that constrains sampling.
             response_format="grammar",
+            sampling={"repeat_penalty": llm.llamacpp.repeat_penalty},
         )
         extractor = LlamaCppExtractor(inner, server.gguf)
         try:
