@@ -195,7 +195,7 @@ def test_resume_after_kill_pays_nothing_twice(tmp_path):
         proc.wait()
         # Requests in flight at the kill are answered by the server but never reach us:
         # those answers were never received, so asking again is not paying twice.
-        time.sleep(0.5)
+        assert server.wait_idle(), "the stand-in still handles a request of the killed run"
         paid_first = server.n_completions
         kept = _answered(cache)
         assert 6 <= kept < n, "the run should have been killed part-way"
@@ -341,3 +341,29 @@ def test_answers_cached_before_max_tokens_left_the_key_are_reused(tmp_path, monk
         summary = run_extract(studies_table(REPORTS), llm, params, tmp_path / "out")
         assert server.n_completions == 0
     assert summary["cache_hits"] == 4 and summary["llm_calls"] == 0
+
+
+def test_standin_wait_idle_returns_once_a_slow_answer_is_counted():
+    """The resume test reads the stand-in's count after the kill: wait_idle is what makes it final."""
+    import json as _json
+    import threading
+    import urllib.request
+
+    with StandinServer(answer=echo_answer, latency_s=0.3) as server:
+        body = _json.dumps({"model": "m", "messages": [{"role": "user", "content": "REPORT:\nSmall effusion."}]})
+        request = urllib.request.Request(f"{server.base_url}/chat/completions", data=body.encode(),
+                                         headers={"Content-Type": "application/json"})
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        started = threading.Event()
+
+        def ask():
+            started.set()
+            with opener.open(request, timeout=30) as resp:
+                resp.read()
+
+        client = threading.Thread(target=ask)
+        client.start()
+        started.wait()
+        client.join()  # the answer arrived; the connection may still be closing
+        assert server.wait_idle(timeout=30)
+        assert server.n_completions == 1

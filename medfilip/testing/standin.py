@@ -53,6 +53,23 @@ def _count_words(text: str) -> int:
 class _Server(ThreadingHTTPServer):
     daemon_threads = True  # a sleeping "timeout" handler never blocks shutdown
     request_queue_size = 256  # the default listen backlog (5) resets bursts of concurrent clients
+    standin: "StandinServer"
+
+    # Every accepted connection is counted open from its accept until its thread is done, so
+    # StandinServer.wait_idle can tell when nothing a client sent is still being handled.
+    def process_request(self, request, client_address) -> None:
+        self.standin._begin_request()
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self.standin._end_request()
+            raise
+
+    def process_request_thread(self, request, client_address) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.standin._end_request()
 
 
 class StandinServer:
@@ -81,7 +98,9 @@ class StandinServer:
         self._faults: collections.deque[str] = collections.deque(faults or [])
         self._requests: collections.deque[dict] = collections.deque(maxlen=max_recorded)
         self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)
         self._n_completions = 0
+        self._in_flight = 0
         self._httpd: _Server | None = None
         self._thread: threading.Thread | None = None
         self.base_url = ""
@@ -92,6 +111,7 @@ class StandinServer:
         """Bind a free loopback port and serve from a daemon thread."""
         handler = type("StandinHandler", (_Handler,), {"standin": self})
         self._httpd = _Server(("127.0.0.1", 0), handler)
+        self._httpd.standin = self
         port = self._httpd.server_address[1]
         self.base_url = f"http://127.0.0.1:{port}/v1"
         self._thread = threading.Thread(
@@ -129,6 +149,21 @@ class StandinServer:
         """Completion requests answered with a normal body (a timeout fault's late answer counts)."""
         with self._lock:
             return self._n_completions
+
+    def wait_idle(self, timeout: float = 60.0) -> bool:
+        """Block until no connection is open (every request received on one is answered or failed,
+        and its client has gone), so counts read after it are final; False after ``timeout`` (a hang)."""
+        with self._idle:
+            return self._idle.wait_for(lambda: self._in_flight == 0, timeout)
+
+    def _begin_request(self) -> None:
+        with self._lock:
+            self._in_flight += 1
+
+    def _end_request(self) -> None:
+        with self._idle:
+            self._in_flight -= 1
+            self._idle.notify_all()
 
     def add_faults(self, *faults: str) -> None:
         """Queue more faults behind those not yet consumed."""
