@@ -121,7 +121,8 @@ def add_arguments(parser) -> None:
                              "packaged SmolLM2 (e.g. --provider llamacpp --n 16 --concurrency 1,4,8)")
     parser.add_argument("--gguf", default=None,
                         help="extract --provider llamacpp: a GGUF to serve instead of the packaged SmolLM2")
-    parser.add_argument("--max-tokens", type=int, default=256, help="extract --provider llamacpp: llm.max_tokens")
+    parser.add_argument("--max-tokens", type=int, default=1024,
+                        help="extract --provider llamacpp: llm.max_tokens (1024, the params default)")
     parser.add_argument("--old-engine-python", default=None,
                         help="extract --provider llamacpp: a Python with llama-cpp-python[server], to time "
                              "the engine before issue 15 on the same reports")

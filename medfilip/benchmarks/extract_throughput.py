@@ -1,7 +1,8 @@
-"""Extraction throughput against a local OpenAI-compatible stand-in with a set latency."""
+"""Extraction throughput: against a loopback stand-in with a set latency, and on the local llama.cpp server."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 import time
@@ -147,7 +148,7 @@ def _llamacpp_studies(n: int) -> pa.Table:
     return pa.table({"study_id": [f"l{i:07d}" for i in range(n)], "report": reports})
 
 
-def llamacpp_benchmark(n_reports: int = 16, concurrencies=(1, 4, 8), max_tokens: int = 256,
+def llamacpp_benchmark(n_reports: int = 16, concurrencies=(1, 4, 8), max_tokens: int = 1024,
                        old_engine_python: str | None = None, gguf: str | None = None) -> dict:
     """reports/s of the extract stage on the local llama.cpp server, per ``llm.max_concurrency``.
 
@@ -176,21 +177,25 @@ def llamacpp_benchmark(n_reports: int = 16, concurrencies=(1, 4, 8), max_tokens:
                 "n_ok": summary["n_ok"], "n_failed": summary.get("n_failed"),
                 "completion_tokens": tokens, "completion_tokens_per_s": round(tokens / seconds, 1)}
 
-    with tempfile.TemporaryDirectory() as tmp:
-        runs = {}
-        for concurrency in concurrencies:
+    def runs(tmp: str, engine: str) -> dict:
+        out = {}
+        for concurrency in concurrencies:  # each run starts its own server: the times include that
             llm = LLMParams(provider="llamacpp", model="bench-smollm2", max_concurrency=concurrency,
                             max_retries=1, timeout_s=600, max_tokens=max_tokens, llamacpp=llamacpp)
-            runs[str(concurrency)] = measure(llm, tmp, f"x{concurrency}")  # includes the server's start
-        results["engines"]["xllamacpp"] = runs
+            out[str(concurrency)] = measure(llm, tmp, f"{engine}-c{concurrency}")
+        return out
+
+    with tempfile.TemporaryDirectory() as tmp:
+        results["engines"]["xllamacpp"] = runs(tmp, "xllamacpp")
         if old_engine_python:
-            results["engines"]["llama-cpp-python"] = _old_engine_runs(
-                old_engine_python, llamacpp, concurrencies, max_tokens, tmp, measure)
+            with _old_engine(old_engine_python):
+                results["engines"]["llama-cpp-python"] = runs(tmp, "llama-cpp-python")
     return results
 
 
-def _old_engine_runs(python: str, llamacpp, concurrencies, max_tokens: int, tmp: str, measure) -> dict:
-    """The same runs with the stage's server class swapped for ``python -m llama_cpp.server``."""
+@contextlib.contextmanager
+def _old_engine(python: str):
+    """The stage's server class swapped for ``python -m llama_cpp.server`` of another environment."""
     import medfilip.extract.server as server_mod
 
     class OldEngine(server_mod.LlamaCppServer):
@@ -203,12 +208,7 @@ def _old_engine_runs(python: str, llamacpp, concurrencies, max_tokens: int, tmp:
 
     saved = server_mod.LlamaCppServer, server_mod.check_server_extra
     server_mod.LlamaCppServer, server_mod.check_server_extra = OldEngine, lambda: None  # it lives in `python`
-    runs = {}
     try:
-        for concurrency in concurrencies:
-            llm = LLMParams(provider="llamacpp", model="bench-smollm2", max_concurrency=concurrency,
-                            max_retries=1, timeout_s=600, max_tokens=max_tokens, llamacpp=llamacpp)
-            runs[str(concurrency)] = measure(llm, tmp, f"old{concurrency}")
+        yield
     finally:
         server_mod.LlamaCppServer, server_mod.check_server_extra = saved
-    return runs
